@@ -1,0 +1,26 @@
+"""Distillers behind one interface: the student alone, Hinton KD, and ACKD."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ackd_search.config import DistillConfig, OptimConfig
+from ackd_search.distill.base import Distiller, kd_loss
+from ackd_search.distill.kd import KD, StudentOnly
+from ackd_search.models import StagedNet
+
+__all__ = ["Distiller", "KD", "StudentOnly", "build_distiller", "kd_loss"]
+
+
+def build_distiller(
+    cfg: DistillConfig, student: StagedNet, teacher: nn.Module | None, optim: OptimConfig, student_arch: str
+) -> Distiller:
+    if cfg.method == "student":
+        return StudentOnly(student)
+    if teacher is None:
+        raise ValueError(f"distill.method {cfg.method!r} needs a teacher")
+    if cfg.method == "kd":
+        return KD(student, teacher, cfg.temperature, cfg.ce_weight, cfg.kd_weight)
+    from ackd_search.distill.ackd import ACKD
+
+    return ACKD(student, teacher, cfg, optim, student_arch)

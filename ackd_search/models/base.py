@@ -1,0 +1,97 @@
+"""The staged-network interface every zoo model implements, and the model registry.
+
+A staged net is `stem -> stages[0..K-1] -> head`; distillers attach to stage boundaries by index."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class StageInfo:
+    channels: int  # output channels of the stage
+    reduction: int  # spatial stride from the network input to this stage's output
+
+
+class Head(nn.Module):
+    """Global average pool + linear classifier. Adaptive pooling adds no parameters and takes any input size."""
+
+    def __init__(self, in_channels: int, num_classes: int):
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(in_channels, num_classes)
+
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(x).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pooled(x))
+
+
+class StagedNet(nn.Module):
+    """A classifier cut into a stem, K stages and a head; `stage_info[i]` describes `stages[i]`'s output."""
+
+    def __init__(self, stem: nn.Module, stages: list[nn.Module], head: Head, stage_info: list[StageInfo]):
+        super().__init__()
+        if len(stages) != len(stage_info):
+            raise ValueError(f"{len(stages)} stages but {len(stage_info)} stage_info entries")
+        self.stem = stem
+        self.stages = nn.ModuleList(stages)
+        self.head = head
+        self.stage_info = list(stage_info)
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+    def forward_stages(self, x: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Run `stages[start:stop]` on `x` (the stem's output when `start == 0`)."""
+        for stage in self.stages[start:stop]:
+            x = stage(x)
+        return x
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_stages(self.stem(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward_features(x))
+
+
+class ModelBuilder(Protocol):
+    def __call__(self, num_classes: int, width: float = 1.0, in_channels: int = 3) -> StagedNet: ...
+
+
+_REGISTRY: dict[str, ModelBuilder] = {}
+
+
+def register_model(fn: Callable[..., StagedNet]) -> Callable[..., StagedNet]:
+    """Register a builder `fn(num_classes, width=1.0, in_channels=3) -> StagedNet` under its function name."""
+    if fn.__name__ in _REGISTRY:
+        raise ValueError(f"model {fn.__name__!r} registered twice")
+    _REGISTRY[fn.__name__] = fn
+    return fn
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+class UnknownModelError(ValueError):
+    pass
+
+
+def check_model_name(name: str) -> None:
+    if name not in _REGISTRY:
+        raise UnknownModelError(f"unknown model {name!r}; allowed: {', '.join(list_models())}")
+
+
+def create_model(name: str, num_classes: int, width: float = 1.0, in_channels: int = 3) -> StagedNet:
+    """Build a registered model. `width` scales every stage's channels (training-only capacity for learners)."""
+    check_model_name(name)
+    if width <= 0:
+        raise ValueError(f"width must be > 0, got {width}")
+    return _REGISTRY[name](num_classes=num_classes, width=width, in_channels=in_channels)
