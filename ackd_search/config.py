@@ -4,12 +4,14 @@ Every field has a default and a validated range; errors name the file, the key p
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
 
@@ -42,7 +44,7 @@ class DataConfig:
     val_fraction: float = _in(gt=0.0, le=0.5, default=0.1)
     split_seed: int = 0  # fixed so every trial of a search shares one validation set
     download: bool = True
-    limit: Optional[int] = _in(ge=10, default=None)  # cap on train+val images, for smoke runs
+    limit: int | None = _in(ge=10, default=None)  # cap on train+val images, for smoke runs
 
 
 @dataclass
@@ -65,13 +67,14 @@ class OptimConfig:
         return self.epochs / self.recipe_epochs
 
     def scaled_milestones(self) -> list[int]:
-        return sorted({max(1, round(m * self.budget_scale)) for m in self.milestones if m < self.recipe_epochs})
+        """Repeats are kept: when a short budget puts two decays on one epoch, MultiStepLR applies both there."""
+        return sorted(max(1, round(m * self.budget_scale)) for m in self.milestones if m < self.recipe_epochs)
 
 
 @dataclass
 class TeacherConfig:
     arch: str = field(default="digits_cnn_large", metadata=MODEL_FIELD)
-    checkpoint: Optional[str] = None  # the user's own teacher weights (a state dict) instead of the cached one
+    checkpoint: str | None = None  # the user's own teacher weights (a state dict) instead of the cached one
     seed: int = 0
     cache_dir: str = "studies/teachers"
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(epochs=30))
@@ -83,10 +86,13 @@ class AckdConfig:
 
     Keep the reference values here and nowhere else (see ../shared/ackd-method.md)."""
 
-    aux_placements: Optional[list[int]] = None  # None = reference: three learners before the last stage
+    aux_placements: list[int] | None = None  # None = reference: three learners before the last stage
     aux_width: float = _in(gt=0.0, le=4.0, default=1.0)
     aggregation: Literal["attention", "mean"] = "attention"
     attn_reduction: int = _in(ge=1, le=64, default=8)
+    # False masks A_ii: with the targets' logits detached but the weights trained, the attention can learn to point
+    # each learner at itself (measured on digits: A_ii ~0.9 after 20 epochs), which empties the collaborative term.
+    attn_self: bool = True
     detach_target: bool = True
     student_target: Literal["attention", "aux_mean"] = "aux_mean"
     collab_weight: float = _in(ge=0.0, le=100.0, default=1.0)
@@ -104,13 +110,23 @@ class AckdConfig:
         return list(self.aux_placements)
 
 
+# Loss weights a method uses unless the config sets them: ACKD's reference point (our reconstruction) and
+# RepDistiller's KD weighting. Keep them here and nowhere else.
+METHOD_WEIGHTS = {"ackd": (1.0, 1.0), "kd": (0.1, 0.9), "student": (1.0, 0.0)}
+
+
 @dataclass
 class DistillConfig:
     method: Literal["student", "kd", "ackd"] = "ackd"
     temperature: float = _in(gt=0.0, le=100.0, default=4.0)
-    ce_weight: float = _in(ge=0.0, le=100.0, default=1.0)
-    kd_weight: float = _in(ge=0.0, le=100.0, default=1.0)
+    ce_weight: float | None = _in(ge=0.0, le=100.0, default=None)  # None: the method's own (METHOD_WEIGHTS)
+    kd_weight: float | None = _in(ge=0.0, le=100.0, default=None)
     ackd: AckdConfig = field(default_factory=AckdConfig)
+
+    def __post_init__(self) -> None:
+        ce, kd = METHOD_WEIGHTS.get(self.method, (1.0, 1.0))
+        self.ce_weight = ce if self.ce_weight is None else self.ce_weight
+        self.kd_weight = kd if self.kd_weight is None else self.kd_weight
 
 
 @dataclass
@@ -126,16 +142,20 @@ class RunConfig:
     channels_last: bool = True  # applied on CUDA only
     compile: bool = False
     eval_test: bool = False  # read the test set once at the end (final training only; the search never does)
-    output_dir: Optional[str] = None  # checkpoints and results; None = nothing written
+    output_dir: str | None = None  # checkpoints and results; None = nothing written
+
+
+# Every file-system path in a run config: resolved against the driver's folder before a run goes to another process.
+PATH_FIELDS = ("output_dir", "data.data_root", "teacher.cache_dir", "teacher.checkpoint")
 
 
 # Hand-set points every search starts from. ACKD's is our reconstruction; KD's is RepDistiller's KD weighting.
 def reference_distill() -> DistillConfig:
-    return DistillConfig(method="ackd", temperature=4.0, ce_weight=1.0, kd_weight=1.0, ackd=AckdConfig())
+    return DistillConfig(method="ackd", temperature=4.0, ackd=AckdConfig())
 
 
 def kd_distill() -> DistillConfig:
-    return DistillConfig(method="kd", temperature=4.0, ce_weight=0.1, kd_weight=0.9)
+    return DistillConfig(method="kd", temperature=4.0)
 
 
 # --- dict <-> dataclass, with every problem collected -------------------------------------------------------
@@ -143,6 +163,20 @@ def kd_distill() -> DistillConfig:
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
+
+
+def with_absolute_paths(data: dict[str, Any], root: str | Path = ".") -> dict[str, Any]:
+    """A run config's plain data with every PATH_FIELDS entry resolved against `root`: the same run, wherever it
+    was started from (the plain backend keeps relative paths, the Ray backend resolves them on its driver)."""
+    out = copy.deepcopy(data)
+    for dotted in PATH_FIELDS:
+        *parents, leaf = dotted.split(".")
+        owner = out
+        for key in parents:
+            owner = owner.get(key) or {}
+        if owner.get(leaf) is not None:
+            owner[leaf] = os.path.abspath(os.path.join(root, owner[leaf]))
+    return out
 
 
 def from_dict(cls: type, data: Any, source: str = "<config>") -> Any:
@@ -263,6 +297,11 @@ def _convert_scalar(tp: Any, value: Any, where: str, problems: list[str]) -> Any
             problems.append(f"{where}: expected a number, got {value!r}")
             return None
         return float(value)
+    if tp is dict:
+        if not isinstance(value, dict):
+            problems.append(f"{where}: expected a mapping, got {value!r}")
+            return None
+        return value
     if tp is str:
         if not isinstance(value, str):
             problems.append(f"{where}: expected a string, got {value!r}")

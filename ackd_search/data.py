@@ -129,7 +129,7 @@ def _download(name: str, cls: type[_CIFAR10Files], root: Path) -> None:
     had_archive = archive.exists()
     try:
         cls(str(root), train=False, download=True)  # torchvision's own download + extract path
-    except Exception as exc:  # noqa: BLE001 - any network/archive failure becomes one line for the user
+    except Exception as exc:
         if not had_archive:
             archive.unlink(missing_ok=True)  # a partial download we caused would be mistaken for data later
         if created_root:
@@ -156,7 +156,7 @@ def _load_cifar(name: str, root: Path, download: bool) -> tuple[TensorSplit, Ten
         train = cls(str(root), train=True, download=False)
         test = cls(str(root), train=False, download=False)
         return _to_split(train.data, train.targets), _to_split(test.data, test.targets)
-    except Exception as exc:  # noqa: BLE001 - unreadable/truncated pickles: one line instead of a traceback
+    except Exception as exc:
         raise DataError(f"{name}: could not read data in {folder}: {_short(exc)}") from None
 
 
@@ -236,7 +236,7 @@ def _check_labels(name: str, num_classes: int, *splits: TensorSplit) -> None:
 
 def load_splits(name: str, data_root: str | Path = "data", val_fraction: float = 0.1,
                 split_seed: int = 0, download: bool = True, limit: int | None = None) -> DataSplits:
-    """Load `name` as uint8 train/val/test splits; val is a stratified split of the training data fixed by split_seed."""
+    """Load `name` as uint8 train/val/test splits; val is a stratified split of the training data (split_seed)."""
     _check_args(name, val_fraction, limit)
     if name == "digits":
         pool, test = _load_digits()

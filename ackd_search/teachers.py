@@ -112,6 +112,8 @@ def _train_teacher(cfg: RunConfig, entry: Path) -> dict[str, Any]:
 
 def _build(cfg: RunConfig, splits: DataSplits, state: dict[str, torch.Tensor], source: str) -> nn.Module:
     model = create_model(cfg.teacher.arch, splits.num_classes, in_channels=splits.in_channels)
+    if not isinstance(state, dict):  # e.g. a bare tensor: load_state_dict would raise a TypeError
+        raise CheckpointError(f"{source} holds a {type(state).__name__}, not a state dict of {cfg.teacher.arch!r}")
     try:
         model.load_state_dict(state)
     except RuntimeError as err:

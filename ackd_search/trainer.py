@@ -11,17 +11,19 @@ import json
 import math
 import os
 import random
+import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ackd_search import __version__
-from ackd_search.config import DataConfig, RunConfig, save_run_config, to_dict
+from ackd_search.config import DataConfig, RunConfig, save_run_config, to_dict, with_absolute_paths
 from ackd_search.data import DataSplits, DeviceLoader, load_splits
 from ackd_search.distill import Distiller, build_distiller
 from ackd_search.models import StagedNet, count_flops, count_parameters, create_model
@@ -61,11 +63,19 @@ class RunResult:
 
 
 def resolve_device(name: str) -> torch.device:
+    """`auto`, `cpu`, `cuda` or `cuda:N` as a torch device; anything else is a one-line ValueError."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:  # torch's message lists twenty backends this project does not run on
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {name!r}; allowed: auto, cpu, cuda, cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} requested but CUDA is not available; allowed here: auto, cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) here")
     return device
 
 
@@ -129,22 +139,40 @@ def save_atomic(obj: Any, path: Path) -> None:
 def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a truncated or foreign file: say which and why, in one line
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"cannot read checkpoint {path}: {reason[:200]}") from None
+    except Exception as err:
+        raise CheckpointError(f"cannot read checkpoint {path}: {_load_failure(err)}") from None
+
+
+_WEIGHTS_ONLY_ADVICE = ("Weights only load failed", "(1) In PyTorch", "(2) Alternatively", "Please file an issue",
+                        "Check the documentation")
+
+
+def _load_failure(err: BaseException) -> str:
+    """One line of why torch.load failed. Its weights_only message opens with advice to load unsafely (even for
+    a file of random bytes) and carries terminal colour codes; the actual reason is on a later line."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
+    if not text.startswith(_WEIGHTS_ONLY_ADVICE[0]):
+        return next((line.strip() for line in text.splitlines() if line.strip()), type(err).__name__)[:200]
+    detail = text.split("WeightsUnpickler error:")[-1]
+    lines = [line.strip() for line in detail.splitlines() if line.strip()]
+    reason = next((line for line in lines if not line.startswith(_WEIGHTS_ONLY_ADVICE)), "not a plain state dict")
+    return f"refused by weights_only=True loading: {reason}"[:200]
 
 
 class _Run:
     """State of one run; methods are the steps of `train`, kept short enough to read."""
 
-    def __init__(self, cfg: RunConfig, reporter: Reporter | None):
+    def __init__(self, cfg: RunConfig, reporter: Reporter | None, splits: DataSplits | None = None,
+                 teacher: torch.nn.Module | None = None):
+        """`splits` and `teacher`, when given, replace the configured data set and teacher (for benchmarks)."""
         self.cfg, self.reporter = cfg, reporter
         self.device = resolve_device(cfg.device)
         self.autocast = autocast_for(cfg, self.device)
         self.run_dir = Path(cfg.output_dir) if cfg.output_dir else None
+        self.splits = splits if splits is not None else get_splits(cfg.data)
+        self.teacher, self.teacher_info = self._teacher() if teacher is None else (teacher, {"arch": "given"})
+        # Seeded after the teacher: whether it was trained now or read from the cache must not move the student.
         seed_everything(cfg.seed)
-        self.splits = get_splits(cfg.data)
-        self.teacher, self.teacher_info = self._teacher()
         student = build_student(cfg, self.splits)
         shape = (1, self.splits.in_channels, self.splits.image_size, self.splits.image_size)
         self.student_params, self.student_flops = count_parameters(student), count_flops(student, shape)
@@ -217,7 +245,9 @@ class _Run:
         if path is None or not path.exists():
             return
         state = load_checkpoint(path)
-        if state.get("config") != to_dict(self.cfg):
+        if not isinstance(state, dict) or "epochs_done" not in state:
+            raise CheckpointError(f"{path} is not a training checkpoint of this project; use a new output_dir")
+        if with_absolute_paths(state.get("config") or {}) != with_absolute_paths(to_dict(self.cfg)):
             raise CheckpointError(f"{path} was written by a different run config; use a new output_dir")
         self.distiller.load_trained_state(state["distiller"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -310,7 +340,7 @@ class _Run:
             device=describe_device(self.device),
             wall_time_s=wall_s,
             images_per_s=images / train_s if train_s > 0 else math.nan,
-            student_state={k: v.detach().cpu() for k, v in student.state_dict().items()},
+            student_state=self.distiller.export_student(),
         )
         if self.run_dir:
             save_atomic(result.student_state, self.run_dir / "student.pt")

@@ -19,8 +19,9 @@ from ackd_search.models import (
     list_models,
 )
 
-# Parameter counts at num_classes=100 (digits nets with in_channels=1). The CIFAR entries were computed from a literal re-implementation of
-# RepDistiller's models (vgg* = its *_bn variants, mobilenetv2 = mobile_half, shufflenetv1/v2 = ShuffleV1/V2).
+# Parameter counts at num_classes=100 (digits nets with in_channels=1). The CIFAR entries were computed from a literal
+# re-implementation of RepDistiller's models (vgg* = its *_bn variants, mobilenetv2 = mobile_half,
+# shufflenetv1/v2 = ShuffleV1/V2).
 EXPECTED_PARAMS: dict[str, int] = {
     "resnet8": 83_892,
     "resnet14": 181_108,

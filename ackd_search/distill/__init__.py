@@ -9,7 +9,7 @@ from ackd_search.distill.base import Distiller, kd_loss
 from ackd_search.distill.kd import KD, StudentOnly
 from ackd_search.models import StagedNet
 
-__all__ = ["Distiller", "KD", "StudentOnly", "build_distiller", "kd_loss"]
+__all__ = ["KD", "Distiller", "StudentOnly", "build_distiller", "kd_loss"]
 
 
 def build_distiller(

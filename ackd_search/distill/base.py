@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +33,7 @@ class Distiller(nn.Module):
         # Methods with an adversary own its optimiser (see ACKD); the trainer checkpoints it when present.
         self.adversary_optimizer: torch.optim.Optimizer | None = None
 
-    def train(self, mode: bool = True) -> "Distiller":
+    def train(self, mode: bool = True) -> Distiller:
         super().train(mode)
         if self.teacher is not None:
             self.teacher.eval()  # the teacher is frozen: BN statistics must not move
@@ -64,6 +64,12 @@ class Distiller(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.student(x)
 
+    def export_student(self) -> dict[str, torch.Tensor]:
+        """The deployable student alone (stem, stages, head) as a CPU state dict: whatever the method trained
+        alongside it (auxiliary learners, projections, discriminator) is dropped, so it loads with `strict=True`
+        into `create_model(student_arch, num_classes, in_channels=...)`."""
+        return {k: v.detach().cpu().contiguous().clone() for k, v in self.student.state_dict().items()}
+
     def trained_state(self) -> dict[str, torch.Tensor]:
         """Everything that training changes (the teacher is frozen and cached elsewhere)."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith("teacher.")}
@@ -72,4 +78,6 @@ class Distiller(nn.Module):
         missing, unexpected = self.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith("teacher.")]
         if missing or unexpected:
-            raise ValueError(f"checkpoint does not match this distiller: missing {missing[:3]}, unexpected {unexpected[:3]}")
+            raise ValueError(
+                f"checkpoint does not match this distiller: missing {missing[:3]}, unexpected {unexpected[:3]}"
+            )

@@ -4,8 +4,9 @@ A staged net is `stem -> stages[0..K-1] -> head`; distillers attach to stage bou
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 from torch import nn

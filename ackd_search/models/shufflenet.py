@@ -1,6 +1,7 @@
 """CIFAR ShuffleNetV1 (g=3) and ShuffleNetV2 (1x), as used by the RepDistiller CIFAR-100 benchmark.
 
-Owns `shufflenetv1` and `shufflenetv2`: 1x1-conv stem, stages = the three stride-2 groups (V2's 1x1 conv ends the last)."""
+Owns `shufflenetv1` and `shufflenetv2`: 1x1-conv stem, stages = the three stride-2 groups (V2's 1x1 conv ends the
+last)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,292 @@
+"""Tests for ackd_search.trainer: one training run on digits with the tiny nets, on CPU.
+
+Pinned: KD and student-alone runs learn; the per-epoch reporter; bit-exact resume after a crash (KD and ACKD,
+whose discriminator has its own optimiser); determinism per seed; checkpoint, non-finite-loss and device errors;
+the step / cosine schedules; what a run writes to `output_dir`. Teachers are trained into a tmp cache."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from ackd_search.config import (
+    AckdConfig,
+    DataConfig,
+    DistillConfig,
+    OptimConfig,
+    RunConfig,
+    TeacherConfig,
+    kd_distill,
+    load_run_config,
+    to_dict,
+)
+from ackd_search.data import DeviceLoader
+from ackd_search.models import count_flops, count_parameters, create_model
+from ackd_search.trainer import (
+    CHECKPOINT,
+    CheckpointError,
+    NonFiniteLossError,
+    Reporter,
+    RunResult,
+    evaluate,
+    get_splits,
+    resolve_device,
+    train,
+)
+
+TEACHER_EPOCHS = 5  # the large digits CNN reaches ~95% val accuracy in 5 epochs
+
+
+class SimulatedCrash(Exception):
+    """Raised from a reporter to stop a run after an epoch, as a killed worker would."""
+
+
+def crash_after(last_epoch: int) -> Reporter:
+    def reporter(epoch: int, metrics: dict[str, Any]) -> None:
+        if epoch == last_epoch:
+            raise SimulatedCrash
+
+    return reporter
+
+
+@pytest.fixture(scope="module")
+def teacher_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One teacher cache for the module: the first KD/ACKD run trains the teacher, the rest read it."""
+    return tmp_path_factory.mktemp("teachers")
+
+
+def distill_for(method: str) -> DistillConfig:
+    if method == "kd":
+        return kd_distill()
+    if method == "ackd":  # one learner before the last stage keeps ACKD fast; its discriminator is still on
+        return DistillConfig(method="ackd", ackd=AckdConfig(aux_placements=[2]))
+    return DistillConfig(method=method)
+
+
+def run_config(cache: Path, method: str = "kd", epochs: int = 3, output_dir: Path | None = None, seed: int = 0,
+               limit: int | None = None, **optim: Any) -> RunConfig:
+    return RunConfig(
+        seed=seed,
+        student="digits_cnn_small",
+        data=DataConfig(name="digits", limit=limit),
+        optim=OptimConfig(epochs=epochs, **optim),
+        teacher=TeacherConfig(arch="digits_cnn_large", cache_dir=str(cache), optim=OptimConfig(epochs=TEACHER_EPOCHS)),
+        distill=distill_for(method),
+        device="cpu",
+        output_dir=str(output_dir) if output_dir else None,
+    )
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key, value in a.items():
+        assert torch.equal(value, b[key]), f"{key} differs"
+
+
+def val_curve(result: RunResult) -> list[float]:
+    return [h["val_acc"] for h in result.history]
+
+
+# --- runs that learn -------------------------------------------------------------------------------------------
+
+
+def test_kd_run_lowers_training_loss_and_beats_chance(teacher_cache: Path) -> None:
+    result = train(run_config(teacher_cache, "kd", epochs=8))
+    losses = [h["terms"]["loss"] for h in result.history]
+    assert losses[-1] < 0.6 * losses[0], losses
+    assert result.final_val_acc > 50.0, val_curve(result)  # 10 classes: chance is 10%
+    assert result.best_val_acc == max(val_curve(result))
+    assert result.teacher is not None and result.teacher["val_acc"] > 80.0
+    assert set(result.history[-1]["terms"]) >= {"ce", "kd", "loss"}
+
+
+def test_student_alone_reports_every_epoch_in_order(tmp_path: Path) -> None:
+    calls: list[tuple[int, dict[str, Any]]] = []
+    result = train(run_config(tmp_path / "unused-cache", "student", epochs=3),
+                   reporter=lambda epoch, metrics: calls.append((epoch, metrics)))
+    assert [epoch for epoch, _ in calls] == [1, 2, 3]
+    for epoch, metrics in calls:
+        assert metrics["epoch"] == epoch
+        assert set(metrics) >= {"val_acc", "val_loss", "lr", "train_s", "images_per_s", "terms"}
+        assert 0.0 <= metrics["val_acc"] <= 100.0
+        assert set(metrics["terms"]) == {"ce", "loss"}
+        assert all(math.isfinite(v) for v in metrics["terms"].values())
+    assert [m for _, m in calls] == result.history
+    assert result.teacher is None
+    assert not (tmp_path / "unused-cache").exists()  # the student alone never touches the teacher cache
+    assert result.final_val_acc > 30.0, val_curve(result)
+
+
+# --- resume ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["kd", "ackd"])
+def test_resume_after_crash_matches_uninterrupted_run(teacher_cache: Path, tmp_path: Path, method: str) -> None:
+    epochs = 4
+    whole = train(run_config(teacher_cache, method, epochs, tmp_path / "whole", limit=300))
+
+    cfg = run_config(teacher_cache, method, epochs, tmp_path / "resumed", limit=300)
+    with pytest.raises(SimulatedCrash):
+        train(cfg, reporter=crash_after(2))
+    saved = torch.load(tmp_path / "resumed" / CHECKPOINT, weights_only=True)
+    assert saved["epochs_done"] == 2
+
+    seen: list[tuple[int, bool]] = []
+    resumed = train(cfg, reporter=lambda epoch, metrics: seen.append((epoch, metrics.get("resumed", False))))
+    # The caller sees the whole curve: the restored epochs replayed (marked), then only the missing ones trained.
+    assert seen == [(1, True), (2, True), (3, False), (4, False)]
+    assert val_curve(resumed) == val_curve(whole)
+    assert [h["lr"] for h in resumed.history] == [h["lr"] for h in whole.history]
+    assert_same_weights(resumed.student_state, whole.student_state)
+
+    # Everything training changes matches too: learners, attention, discriminator and its own Adam state.
+    final_whole = torch.load(tmp_path / "whole" / CHECKPOINT, weights_only=True)
+    final_resumed = torch.load(tmp_path / "resumed" / CHECKPOINT, weights_only=True)
+    assert_same_weights(final_resumed["distiller"], final_whole["distiller"])
+    if method == "ackd":
+        assert any(key.startswith("discriminator.") for key in final_whole["distiller"])
+        adam_whole, adam_resumed = final_whole["adversary_optimizer"], final_resumed["adversary_optimizer"]
+        assert adam_whole["state"], "the discriminator's optimiser should have state after training"
+        for index, state in adam_whole["state"].items():
+            for name, value in state.items():
+                assert torch.equal(adam_resumed["state"][index][name], value), (index, name)
+
+
+def test_finished_run_is_not_trained_again(tmp_path: Path) -> None:
+    cfg = run_config(tmp_path / "cache", "student", epochs=2, output_dir=tmp_path / "run", limit=200)
+    first = train(cfg)
+    again = train(cfg, reporter=lambda epoch, metrics: None if metrics.get("resumed") else pytest.fail("trained"))
+    assert val_curve(again) == val_curve(first)
+    assert_same_weights(again.student_state, first.student_state)
+
+
+# --- determinism -----------------------------------------------------------------------------------------------
+
+
+def test_same_config_and_seed_give_identical_runs_cold_or_warm_cache(tmp_path: Path) -> None:
+    cache = tmp_path / "fresh-cache"
+    cold = train(run_config(cache, "kd", epochs=3, limit=400))  # trains the teacher first
+    warm = train(run_config(cache, "kd", epochs=3, limit=400))  # reads it from the cache
+    assert val_curve(warm) == val_curve(cold)
+    assert [h["terms"] for h in warm.history] == [h["terms"] for h in cold.history]
+    assert_same_weights(warm.student_state, cold.student_state)
+
+
+def test_another_seed_gives_other_weights(tmp_path: Path) -> None:
+    seed0 = train(run_config(tmp_path, "student", epochs=2, seed=0, limit=300))
+    seed1 = train(run_config(tmp_path, "student", epochs=2, seed=1, limit=300))
+    assert not torch.equal(seed0.student_state["stem.0.weight"], seed1.student_state["stem.0.weight"])
+
+
+# --- errors ----------------------------------------------------------------------------------------------------
+
+
+def test_checkpoint_of_another_config_is_refused(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    train(run_config(tmp_path, "student", epochs=1, output_dir=out, limit=200))
+    with pytest.raises(CheckpointError, match="different run config"):
+        train(run_config(tmp_path, "student", epochs=1, output_dir=out, limit=200, lr=0.01))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "not-a-checkpoint"])
+def test_unreadable_checkpoint_is_a_one_line_error_naming_the_path(tmp_path: Path, damage: str) -> None:
+    cfg = run_config(tmp_path, "student", epochs=2, output_dir=tmp_path / "run", limit=200)
+    path = tmp_path / "run" / CHECKPOINT
+    if damage == "truncated":
+        with pytest.raises(SimulatedCrash):
+            train(cfg, reporter=crash_after(1))
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:
+        path.parent.mkdir(parents=True)
+        if damage == "not-a-checkpoint":
+            torch.save(torch.zeros(3), path)  # readable, but not a training checkpoint
+        else:
+            path.write_bytes(b"\x80\x02 not a torch file" if damage == "garbage" else b"")
+    with pytest.raises(CheckpointError) as info:
+        train(cfg)
+    message = str(info.value)
+    assert str(path) in message
+    assert "\n" not in message and "\x1b" not in message
+    assert "weights_only` set to `False`" not in message  # never advise loading a damaged file unsafely
+
+
+def test_nan_teacher_stops_the_run_at_the_first_batch(tmp_path: Path) -> None:
+    """A diverged teacher checkpoint (NaN weights) makes the KD loss NaN from the first batch."""
+    teacher = create_model("digits_cnn_large", 10, in_channels=1)
+    with torch.no_grad():
+        teacher.head.fc.weight.fill_(float("nan"))
+    torch.save(teacher.state_dict(), tmp_path / "nan-teacher.pt")
+    cfg = run_config(tmp_path, "kd", epochs=3)
+    cfg.teacher.checkpoint = str(tmp_path / "nan-teacher.pt")
+    with pytest.raises(NonFiniteLossError, match="epoch 1, batch 1$"):
+        train(cfg, reporter=lambda epoch, metrics: pytest.fail("no epoch should finish"))
+
+
+def test_diverging_lr_stops_the_run_within_the_first_epoch(tmp_path: Path) -> None:
+    cfg = run_config(tmp_path, "student", epochs=5, lr=1e6)
+    with pytest.raises(NonFiniteLossError, match="epoch 1"):
+        train(cfg, reporter=lambda epoch, metrics: pytest.fail("no epoch should finish"))
+
+
+@pytest.mark.parametrize("name", ["tpu", "bogus:0", "mps"])
+def test_unknown_device_is_a_one_line_value_error(tmp_path: Path, name: str) -> None:
+    cfg = run_config(tmp_path, "student", epochs=1)
+    cfg.device = name
+    with pytest.raises(ValueError, match=f"unknown device '{name}'; allowed: auto, cpu, cuda, cuda:N$"):
+        train(cfg)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda_is_refused() -> None:
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        resolve_device("cuda:0")
+    assert resolve_device("auto") == torch.device("cpu")
+
+
+# --- schedules -------------------------------------------------------------------------------------------------
+
+
+def test_step_schedule_is_scaled_to_the_budget(tmp_path: Path) -> None:
+    cfg = run_config(tmp_path, "student", epochs=8, limit=100, lr=0.1)
+    # The recipe's 150/180/210 of 240 epochs become epochs 5/6/7 of 8.
+    assert cfg.optim.scaled_milestones() == [5, 6, 7]
+    lrs = [h["lr"] for h in train(cfg).history]
+    assert lrs == pytest.approx([0.1] * 5 + [0.01, 0.001, 0.0001], rel=1e-9)
+
+
+def test_cosine_schedule_anneals_to_zero_over_the_budget(tmp_path: Path) -> None:
+    cfg = run_config(tmp_path, "student", epochs=5, limit=100, lr=0.1, schedule="cosine")
+    lrs = [h["lr"] for h in train(cfg).history]
+    assert lrs == pytest.approx([0.05 * (1 + math.cos(math.pi * e / 5)) for e in range(5)], rel=1e-9)
+    assert lrs[0] == pytest.approx(0.1)
+
+
+# --- what a run records ----------------------------------------------------------------------------------------
+
+
+def test_output_dir_holds_config_result_and_a_loadable_student(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    cfg = run_config(tmp_path, "student", epochs=2, output_dir=out)
+    result = train(cfg)
+
+    assert to_dict(load_run_config(out / "config.yaml")) == to_dict(cfg)
+    summary = json.loads((out / "result.json").read_text())
+    assert summary["final_val_acc"] == result.final_val_acc
+    assert summary["student_params"] == result.student_params
+    assert summary["student_flops"] == result.student_flops
+    assert len(summary["history"]) == 2 and "student_state" not in summary
+
+    fresh = create_model(cfg.student, 10, in_channels=1)
+    assert result.student_params == count_parameters(fresh) > 0
+    assert result.student_flops == count_flops(fresh, (1, 1, 8, 8)) > 0
+    fresh.load_state_dict(torch.load(out / "student.pt", weights_only=True))  # strict: exactly the student
+    splits = get_splits(cfg.data)
+    loader = DeviceLoader(splits.val, 256, "cpu", splits.mean, splits.std)
+    val_acc, _ = evaluate(fresh, loader, contextlib.nullcontext)
+    assert val_acc == pytest.approx(result.final_val_acc)
