@@ -1,0 +1,366 @@
+"""ACKD: a student with auxiliary learners, collaboration by attention and a discriminator (adversarial learning).
+
+Source: "Improved Knowledge Distillation via Adversarial Collaboration" (Liu, Huang, Liu; arXiv 2111.14356). Only the
+abstract is public and there is no code, so only the STRUCTURE is the paper's: (1) the student is built with several
+auxiliary learners, (2) an adversarial collaborative module (ACM) uses attention and adversarial learning, (3) the
+teacher's knowledge is kept whole (offline KD from a frozen teacher to every learner).
+
+EVERYTHING BELOW THAT STRUCTURE IS OUR RECONSTRUCTION (see ../../../shared/ackd-method.md), made configurable so the
+search can explore it:
+- learners as branches with fresh copies of the later stages + a head (ONE / OKDDip); a 1x1 conv + BN adapter when
+  `aux_width` changes the copied stages' input width;
+- OKDDip-style attention over learners (bias-free W_q, W_k per pooled width; self included unless `attn_self: false`,
+  our knob against the attention collapsing onto each learner itself; `aux_mean` = OKDDip's
+  "leader" target, so the student then needs no query projection);
+- `detach_target`: we detach the peers' LOGITS inside a target and keep the attention weights differentiable, so
+  W_q, W_k still learn through the collaborative term (OKDDip detaches nothing; detaching the whole target would
+  leave W_q, W_k without any gradient, frozen at their random initialisation);
+- the discriminator (an AMLN / AFD-style MLP with its own Adam), which real/fake sources it sees, and the choice of
+  `real` for `adv_real: ensemble` (the mean over learners of the softened collaborative targets);
+- `adv_input: features`: one linear connector per learner maps its pooled features to the real source's width (the
+  teacher's pooled width, or the student's for `ensemble`). The connectors belong to the LEARNERS (trained by the
+  main optimiser through the adversarial term, like a FitNets regressor): if D owned them, it could separate real
+  from fake by source alone (e.g. a large bias on the teacher's connector) and the learners would get no signal;
+- all weights and schedules (sigmoid collaborative ramp as OKDDip, step warm-up for the adversarial term).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ackd_search.config import DistillConfig, OptimConfig
+from ackd_search.distill.base import Distiller, kd_loss
+from ackd_search.models import StagedNet, create_model
+
+
+class AuxLearner(nn.Module):
+    """One auxiliary learner: branches after student stage `placement` (1-based), then its own stages and head."""
+
+    def __init__(self, placement: int, adapter: nn.Module, stages: nn.ModuleList, head: nn.Module):
+        super().__init__()
+        self.placement = placement
+        self.adapter = adapter
+        self.stages = stages
+        self.head = head
+
+    @property
+    def pooled_width(self) -> int:
+        return self.head.fc.in_features
+
+    def forward(self, trunk_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled features and logits from the trunk's feature map at this learner's branch point."""
+        x = self.adapter(trunk_features)
+        for stage in self.stages:
+            x = stage(x)
+        pooled = self.head.pooled(x)
+        return pooled, self.head.fc(pooled)
+
+
+def build_aux_learner(student: StagedNet, student_arch: str, placement: int, aux_width: float) -> AuxLearner:
+    """A fresh copy of `stages[placement:]` and a new head, taken from a newly built zoo model (no per-model code)."""
+    num_classes = student.head.fc.out_features
+    donor = create_model(student_arch, num_classes, width=aux_width)
+    trunk_channels = student.stage_info[placement - 1].channels
+    branch_channels = donor.stage_info[placement - 1].channels
+    adapter: nn.Module = nn.Identity()
+    if branch_channels != trunk_channels:  # only when aux_width != 1: the copied stages expect another width
+        adapter = nn.Sequential(
+            nn.Conv2d(trunk_channels, branch_channels, 1, bias=False),
+            nn.BatchNorm2d(branch_channels),
+        )
+    return AuxLearner(placement, adapter, nn.ModuleList(donor.stages[placement:]), donor.head)
+
+
+def check_placements(placements: list[int], num_stages: int, student_arch: str) -> None:
+    allowed = f"1..{num_stages - 1}" if num_stages > 1 else "none (the model has a single stage)"
+    for i, p in enumerate(placements):
+        if not 1 <= p < num_stages:
+            raise ValueError(
+                f"distill.ackd.aux_placements[{i}]: {p} is out of range for {student_arch} "
+                f"({num_stages} stages); allowed: {allowed}"
+            )
+
+
+def _width_key(width: int) -> str:
+    return f"w{width}"
+
+
+class CollabAttention(nn.Module):
+    """OKDDip-style attention: A_ij = softmax_j(q_i . k_j) per sample, over all learners (student j = 0, self included).
+
+    Bias-free W_q, W_k map pooled features to `dim` dimensions; learners of one pooled width share one pair, so the
+    student and width-1 auxiliaries share them (as in OKDDip). `query_rows` lists the learners whose target comes
+    from attention (all of them, or only the auxiliaries when the student learns from their mean)."""
+
+    def __init__(self, widths: list[int], query_rows: list[int], dim: int, include_self: bool = True):
+        super().__init__()
+        self.query_rows = list(query_rows)
+        self.include_self = include_self
+        query_widths = sorted({widths[i] for i in self.query_rows})
+        self.query = nn.ModuleDict({_width_key(w): nn.Linear(w, dim, bias=False) for w in query_widths})
+        self.key = nn.ModuleDict({_width_key(w): nn.Linear(w, dim, bias=False) for w in sorted(set(widths))})
+
+    @staticmethod
+    def _project(layers: nn.ModuleDict, pooled: list[torch.Tensor]) -> torch.Tensor:
+        widths = {h.shape[1] for h in pooled}
+        if len(widths) == 1:  # one matmul for all learners
+            return layers[_width_key(widths.pop())](torch.stack(pooled, dim=1))
+        return torch.stack([layers[_width_key(h.shape[1])](h) for h in pooled], dim=1)
+
+    def forward(self, pooled: list[torch.Tensor]) -> torch.Tensor:
+        """A (B, len(query_rows), L): row r holds learner `query_rows[r]`'s weights over all L learners."""
+        q = self._project(self.query, [pooled[i] for i in self.query_rows])
+        k = self._project(self.key, pooled)
+        scores = torch.bmm(q, k.transpose(1, 2)).float()
+        if not self.include_self:  # each learner attends to its peers only
+            rows = torch.arange(len(self.query_rows), device=scores.device)
+            own = torch.zeros(scores.shape[1:], dtype=torch.bool, device=scores.device)
+            own[rows, torch.tensor(self.query_rows, device=scores.device)] = True
+            scores = scores.masked_fill(own, float("-inf"))
+        return torch.softmax(scores, dim=-1)
+
+
+class Discriminator(nn.Module):
+    """MLP in -> 256 -> 128 -> 1 with LeakyReLU(0.2), returning one logit per input row (fp32)."""
+
+    def __init__(self, in_features: int):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(in_features, 256),
+            nn.LeakyReLU(0.2),
+            nn.Linear(256, 128),
+            nn.LeakyReLU(0.2),
+            nn.Linear(128, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x.float()).squeeze(-1)
+
+
+def _no_autocast(device: torch.device):
+    # D is tiny: run it (and its own backward) in fp32 whatever precision the trainer's autocast asks for.
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+class ACKD(Distiller):
+    """Student + auxiliary learners + attention collaboration + discriminator; only the student is exported.
+
+    Learner 0 is the student, learners 1..L-1 the auxiliaries in `aux_placements` order (terms `aux{i}/...`)."""
+
+    def __init__(
+        self, student: StagedNet, teacher: nn.Module, cfg: DistillConfig, optim: OptimConfig, student_arch: str
+    ):
+        super().__init__(student, teacher)
+        self.cfg, self.ackd = cfg, cfg.ackd
+        self.temperature = cfg.temperature
+        self.budget_scale = optim.budget_scale
+        placements = self.ackd.resolved_placements(student.num_stages)
+        check_placements(placements, student.num_stages, student_arch)
+        self.learners = nn.ModuleList(
+            build_aux_learner(student, student_arch, p, self.ackd.aux_width) for p in placements
+        )
+        self.branch_points = sorted(set(placements))
+        self.attention = self._attention(student)
+        self.connectors, self.discriminator = self._adversary(student, teacher)
+        if self.discriminator is not None:
+            self.adversary_optimizer = torch.optim.Adam(
+                self.discriminator.parameters(), lr=self.ackd.d_lr, betas=(0.5, 0.999)
+            )
+
+    @property
+    def num_aux(self) -> int:
+        return len(self.learners)
+
+    def pooled_widths(self) -> list[int]:
+        """Pooled feature width of every learner, student first."""
+        return [self.student.head.fc.in_features] + [learner.pooled_width for learner in self.learners]
+
+    def _attention(self, student: StagedNet) -> CollabAttention | None:
+        if self.num_aux == 0 or self.ackd.aggregation != "attention":
+            return None
+        dim = max(1, student.stage_info[-1].channels // self.ackd.attn_reduction)  # C / attn_reduction
+        first_row = 1 if self.ackd.student_target == "aux_mean" else 0
+        return CollabAttention(self.pooled_widths(), list(range(first_row, self.num_aux + 1)), dim,
+                               include_self=self.ackd.attn_self)
+
+    def _adversary(self, student: StagedNet, teacher: nn.Module) -> tuple[nn.ModuleList | None, Discriminator | None]:
+        """(feature connectors or None, D or None)."""
+        if self.ackd.adv_weight == 0 or (self.ackd.adv_real == "ensemble" and self.num_aux == 0):
+            return None, None  # the ensemble real needs a collaborative target, which needs auxiliaries
+        if self.ackd.adv_input == "probs":
+            return None, Discriminator(student.head.fc.out_features)
+        if self.ackd.adv_real == "teacher":
+            if not isinstance(teacher, StagedNet):
+                raise ValueError("distill.ackd.adv_input: 'features' needs a staged teacher (a zoo model)")
+            common = teacher.head.fc.in_features
+        else:
+            common = student.stage_info[-1].channels
+        connectors = nn.ModuleList(nn.Linear(w, common) for w in self.pooled_widths())
+        return connectors, Discriminator(common)
+
+    def adversary_parameters(self) -> list[nn.Parameter]:
+        return list(self.discriminator.parameters()) if self.discriminator is not None else []
+
+    def compile_targets(self) -> list[nn.Module]:
+        # ACKD runs the student's stem and stages one by one (to branch), so those are the units worth compiling.
+        student_parts = [self.student.stem, *self.student.stages]
+        return [*student_parts, *([self.teacher] if self.teacher is not None else []), *self.learners]
+
+    # --- schedules (epochs are 0-based; ramp lengths are recipe epochs scaled to the budget) -------------------
+    def collab_weight(self, epoch: int) -> float:
+        """OKDDip's sigmoid ramp exp(-5 (1 - t)^2), t = epoch / scaled ramp length, clipped to [0, 1]."""
+        rampup = self.ackd.collab_rampup_epochs * self.budget_scale
+        if rampup <= 0:
+            return self.ackd.collab_weight
+        t = min(max(epoch / rampup, 0.0), 1.0)
+        return self.ackd.collab_weight * math.exp(-5.0 * (1.0 - t) ** 2)
+
+    def adv_weight(self, epoch: int) -> float:
+        return self.ackd.adv_weight if epoch >= self.ackd.adv_warmup_epochs * self.budget_scale else 0.0
+
+    # --- forward pieces ----------------------------------------------------------------------------------------
+    def _teacher_outputs(self, x: torch.Tensor, need_features: bool):
+        """Teacher logits (and pooled features when asked): one teacher forward, without gradients."""
+        if not need_features:
+            return self.teacher_logits(x), None
+        with torch.no_grad():
+            pooled = self.teacher.head.pooled(self.teacher.forward_features(x))
+            return self.teacher.head.fc(pooled), pooled
+
+    def _learner_outputs(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Pooled features and logits of every learner (student first); the shared trunk runs once."""
+        student = self.student
+        features = student.stem(x)
+        at_branch: dict[int, torch.Tensor] = {}
+        for index, stage in enumerate(student.stages):
+            features = stage(features)
+            if index + 1 in self.branch_points:
+                at_branch[index + 1] = features
+        pooled = [student.head.pooled(features)]
+        logits = [student.head.fc(pooled[0])]
+        for learner in self.learners:
+            h, z = learner(at_branch[learner.placement])
+            pooled.append(h)
+            logits.append(z)
+        return pooled, logits
+
+    def collaborative_targets(self, pooled: list[torch.Tensor], logits: list[torch.Tensor]) -> torch.Tensor:
+        """t (B, L, classes): the collaborative target of every learner (needs at least one auxiliary)."""
+        stacked = torch.stack(logits, dim=1).float()  # (B, L, classes)
+        peers = stacked.detach() if self.ackd.detach_target else stacked
+        first_row = 1 if self.ackd.student_target == "aux_mean" else 0
+        if self.attention is not None:
+            rows = torch.bmm(self.attention(pooled), peers)
+        else:  # plain mean of the OTHER learners
+            rows = ((peers.sum(dim=1, keepdim=True) - peers) / (peers.shape[1] - 1))[:, first_row:]
+        if first_row == 1:  # the student learns from the auxiliaries' mean (OKDDip's leader)
+            rows = torch.cat([peers[:, 1:].mean(dim=1, keepdim=True), rows], dim=1)
+        return rows
+
+    # --- adversarial learning ----------------------------------------------------------------------------------
+    def adversarial_inputs(
+        self,
+        logits: list[torch.Tensor],
+        pooled: list[torch.Tensor],
+        teacher_logits: torch.Tensor,
+        teacher_pooled: torch.Tensor | None,
+        targets: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(real, fakes) in D's input space; fakes keep their graph (the learners' step needs it)."""
+        if self.ackd.adv_input == "features":
+            fakes = [connector(h.float()) for connector, h in zip(self.connectors, pooled)]
+            real = teacher_pooled if self.ackd.adv_real == "teacher" else torch.stack(fakes).mean(0)
+            return real.detach(), fakes
+        fakes = [self._soften(z) for z in logits]
+        if self.ackd.adv_real == "teacher":
+            return self._soften(teacher_logits), fakes
+        return self._soften(targets.detach()).mean(dim=1), fakes  # ensemble: mean over learners of softened t_i
+
+    def discriminator_step(self, real: torch.Tensor, fakes: list[torch.Tensor]) -> torch.Tensor:
+        """One Adam step of D on L_D = BCE(D(real), 1) + mean_i BCE(D(fake_i.detach()), 0); touches only D."""
+        d = self.discriminator
+        with _no_autocast(real.device), torch.enable_grad():
+            real_logits = d(real.detach())
+            fake_logits = d(torch.stack([f.detach() for f in fakes]))  # (L, B)
+            loss_real = F.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits))
+            loss_fake = F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits))
+            loss = loss_real + loss_fake  # every fake has the same batch size: the mean over all = mean over i
+            self.adversary_optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.adversary_optimizer.step()
+        return loss.detach()
+
+    def generator_losses(self, fakes: list[torch.Tensor]) -> torch.Tensor:
+        """Non-saturating generator loss per learner, (L,): BCE(D(fake_i), 1) with the current D.
+
+        D's parameters are frozen while the graph is built, so the learners' backward leaves no gradient in D."""
+        d = self.discriminator
+        d.requires_grad_(False)
+        try:
+            with _no_autocast(fakes[0].device):
+                logits = d(torch.stack(fakes))
+                per_sample = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits), reduction="none")
+        finally:
+            d.requires_grad_(True)
+        return per_sample.mean(dim=1)
+
+    def _soften(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(logits.float() / self.temperature, dim=-1)
+
+    # --- the training step -------------------------------------------------------------------------------------
+    def forward_train(self, x: torch.Tensor, y: torch.Tensor, epoch: int):
+        """Student logits, L = L_0 + aux_weight * sum_i L_i, and every term by name (see `_learner_loss`).
+
+        In training mode with the adversarial term on, this also takes D's optimiser step (D first, then the
+        learners' loss against the updated D)."""
+        ackd = self.ackd
+        collab_w = self.collab_weight(epoch) if self.num_aux > 0 else 0.0
+        adv_w = self.adv_weight(epoch) if (self.discriminator is not None and self.training) else 0.0
+        need_teacher_features = adv_w > 0 and ackd.adv_input == "features" and ackd.adv_real == "teacher"
+        teacher_logits, teacher_pooled = self._teacher_outputs(x, need_teacher_features)
+        pooled, logits = self._learner_outputs(x)
+        targets = self.collaborative_targets(pooled, logits) if self.num_aux > 0 else None
+
+        terms: dict[str, torch.Tensor] = {}
+        adv_g = None
+        if adv_w > 0:
+            real, fakes = self.adversarial_inputs(logits, pooled, teacher_logits, teacher_pooled, targets)
+            terms["adv_d"] = self.discriminator_step(real, fakes)
+            adv_g = self.generator_losses(fakes)  # with the UPDATED discriminator
+
+        weights = (collab_w, adv_w)
+        loss = self._learner_loss(0, logits[0], y, teacher_logits, targets, adv_g, weights, terms)
+        if self.num_aux > 0 and ackd.aux_weight > 0:
+            aux_losses = [
+                self._learner_loss(i, logits[i], y, teacher_logits, targets, adv_g, weights, terms)
+                for i in range(1, self.num_aux + 1)
+            ]
+            loss = loss + ackd.aux_weight * torch.stack(aux_losses).sum()
+        terms["collab_w"] = torch.tensor(collab_w, device=x.device)
+        terms["adv_w"] = torch.tensor(adv_w, device=x.device)
+        return logits[0], loss, terms
+
+    def _learner_loss(self, i, z, y, teacher_logits, targets, adv_g, weights, terms) -> torch.Tensor:
+        """L_i of learner i (student i = 0), logging `ce`, `kd`, `collab`, `adv_g` (prefixed `aux{i}/` for i >= 1).
+
+        CE + KD are written exactly as KD's, so that without learners, collaboration and adversary the loss is KD's
+        bit for bit; a term whose weight is 0 is logged (when it exists) but not added."""
+        collab_w, adv_w = weights
+        prefix = f"aux{i}/" if i > 0 else ""
+        ce = F.cross_entropy(z.float(), y)
+        kd = kd_loss(z, teacher_logits, self.temperature)
+        loss = self.cfg.ce_weight * ce + self.cfg.kd_weight * kd
+        terms[prefix + "ce"], terms[prefix + "kd"] = ce.detach(), kd.detach()
+        if targets is not None:
+            collab = kd_loss(z, targets[:, i], self.temperature)
+            if collab_w > 0:
+                loss = loss + collab_w * collab
+            terms[prefix + "collab"] = collab.detach()
+        if adv_g is not None:
+            loss = loss + adv_w * adv_g[i]
+            terms[prefix + "adv_g"] = adv_g[i].detach()
+        return loss
