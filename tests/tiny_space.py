@@ -1,0 +1,55 @@
+"""A digits search space small enough for tests: a few hundred images, a few epochs, tiny nets (shared by the
+search, fault-tolerance and Ray tests)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def tiny_space(tmp_path: Path, name: str = "tiny", teacher_cache: Path | None = None,
+               storage: str | None = None, **study: Any) -> dict[str, Any]:
+    """Plain data for a space file whose study, runs and artifacts all live under `tmp_path`."""
+    return {
+        "study": {
+            "name": name,
+            "storage": storage or f"sqlite:///{tmp_path / (name + '.db')}",
+            "n_trials": 4,
+            "sampler": {"name": "tpe", "n_startup_trials": 2},
+            "pruner": {"name": "median", "n_startup_trials": 2, "n_warmup_steps": 1},
+            "runs_dir": str(tmp_path / f"{name}-runs"),
+            "artifacts_dir": str(tmp_path / f"{name}-artifacts"),
+            "heartbeat_interval_s": 1,
+            "grace_period_s": 3,
+            **study,
+        },
+        "run": {
+            "seed": 0,
+            "student": "digits_cnn_small",
+            "data": {"name": "digits", "val_fraction": 0.2, "limit": 400},
+            "optim": {"epochs": 4, "batch_size": 64, "lr": {"low": 0.0001, "high": 0.1, "log": True}},
+            "teacher": {"arch": "digits_cnn_large", "optim": {"epochs": 6},
+                        "cache_dir": str(teacher_cache or tmp_path / "teachers")},
+            "distill": {
+                "method": {"choices": ["ackd", "kd"]},
+                "temperature": {"low": 1.0, "high": 8.0},
+                "ackd": {"adv_weight": {"low": 0.001, "high": 1.0, "log": True},
+                         "aggregation": {"choices": ["attention", "mean"]}},
+            },
+        },
+        "learners": {"max_per_stage": 3, "max_total": 3},
+    }
+
+
+def write(path: Path, data: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def variant(data: dict[str, Any], **study: Any) -> dict[str, Any]:
+    out = copy.deepcopy(data)
+    out["study"].update(study)
+    return out
