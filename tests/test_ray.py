@@ -1,0 +1,235 @@
+"""The Ray Tune backend on tiny digits runs: trials land in the plain backend's study with their true state (PRUNED
+when ASHA or the study's pruner stopped them) and whole curve, the CLI joins a cluster, and Ctrl-C leaves nothing
+RUNNING. One Ray instance serves the whole module."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import ray
+import torch
+from optuna.trial import TrialState
+from tiny_space import tiny_space, write
+
+from ackd_search.config import ConfigError
+from ackd_search.export import export_config, select_trial
+from ackd_search.models import count_parameters, create_model
+from ackd_search.ray_backend import run_ray_search
+from ackd_search.space import load_space
+from ackd_search.study import StudyError, enqueue_presets, make_storage, open_study, quiet_optuna, run_search
+
+ROOT = Path(__file__).resolve().parent.parent
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+GOOD = {"optim.lr": 0.05, "distill.temperature": 4.0}
+WEAK = {"optim.lr": 0.0001, "distill.temperature": 4.0}  # stays at chance (10%) on digits: any rung stops it
+
+quiet_optuna()
+
+
+@pytest.fixture(scope="module")
+def ray_address():
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def teacher_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("teachers")
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory, teacher_cache, ray_address):
+    """Presets, then a deliberately weak trial, then sampled ones; ASHA with a rung at every epoch boundary 1, 2."""
+    tmp = tmp_path_factory.mktemp("ray-search")
+    space = load_space(write(tmp / "space.yaml", tiny_space(tmp, teacher_cache=teacher_cache, n_trials=5)))
+    study = open_study(space, make_storage(space))
+    enqueue_presets(study, space)
+    study.enqueue_trial({"distill.method": "kd", **WEAK}, user_attrs={"weak": True})
+    out = io.StringIO()
+    # Two at a time: the weak trial starts after a preset has passed the first rung, so that rung stops it.
+    result = run_ray_search(space, stream=out, grace_period=1, reduction_factor=2, max_concurrent=2)
+    return space, result, out.getvalue()
+
+
+def stored(space) -> list[optuna.trial.FrozenTrial]:
+    """The trials as a fresh reader of the storage URL sees them (another process, the dashboard, export)."""
+    return optuna.load_study(study_name=space.study.name, storage=space.storage_url).trials
+
+
+def test_ray_trials_land_in_the_study_finished(searched) -> None:
+    space, _, out = searched
+    trials = stored(space)
+    assert len(trials) == 5
+    assert all(t.state in FINISHED for t in trials), [t.state for t in trials]
+    assert trials[0].user_attrs["preset"] == "reference" and trials[0].params["distill.method"] == "ackd"
+    assert trials[0].params["distill.ackd.learners_after_stage_2"] == 3
+    assert trials[1].user_attrs["preset"] == "kd" and trials[1].params["distill.method"] == "kd"
+    assert trials[2].user_attrs["weak"] and trials[2].params["optim.lr"] == WEAK["optim.lr"]
+    assert out.count("\ntrial ") + out.startswith("trial ") == 5  # one progress line per finished trial
+
+
+def test_a_trial_the_scheduler_stopped_is_pruned_with_its_partial_curve(searched) -> None:
+    space, _, _ = searched
+    weak = stored(space)[2]
+    assert weak.state == TrialState.PRUNED
+    stopped = max(weak.intermediate_values)
+    assert sorted(weak.intermediate_values) == list(range(1, stopped + 1)) and stopped < 4
+    assert weak.value == weak.intermediate_values[stopped]
+    assert [h["epoch"] for h in weak.user_attrs["history"]] == list(range(1, stopped + 1))
+    run_dir = Path(weak.user_attrs["config"]["output_dir"])
+    assert json.loads((run_dir / "curve.json").read_text())[-1]["epoch"] == stopped
+    assert not (run_dir / "checkpoint.pt").exists()
+
+
+def test_complete_trials_keep_every_epoch_and_what_users_compare(searched) -> None:
+    space, _, _ = searched
+    done = [t for t in stored(space) if t.state == TrialState.COMPLETE]
+    assert done  # the first trial to reach each rung is never stopped
+    params = count_parameters(create_model("digits_cnn_small", 10, in_channels=1))
+    runs = Path(space.study.runs_dir)
+    for t in done:
+        assert sorted(t.intermediate_values) == [1, 2, 3, 4]
+        assert t.value == t.intermediate_values[4]  # the final epoch is stored, not only told
+        a = t.user_attrs
+        assert a["student_params"] == params and a["student_flops"] > 0 and 0 < a["teacher_val_acc"] <= 100
+        assert a["wall_time_s"] > 0 and a["device"].startswith("cpu") and a["seed"] == 0
+        assert [h["epoch"] for h in a["history"]] == [1, 2, 3, 4]
+        assert [h["val_acc"] for h in a["history"]] == [t.intermediate_values[e] for e in (1, 2, 3, 4)]
+        run_dir = runs / f"trial-{t.number:05d}"
+        assert a["config"]["output_dir"] == str(run_dir)  # absolute, so workers write where the driver reads
+        assert Path(a["config"]["data"]["data_root"]).is_absolute()
+        assert (run_dir / "curve.json").exists() and not (run_dir / "checkpoint.pt").exists()
+
+
+def test_curves_and_best_weights_are_artifacts(searched) -> None:
+    _, study, _ = searched
+    metas = optuna.artifacts.get_all_artifact_meta(study.best_trial, storage=study._storage)
+    assert {"curve.json", "student.pt"} <= {m.filename for m in metas}
+    assert study.best_trial.user_attrs["weights_artifact"] is True
+
+
+def test_export_reads_a_ray_study(searched) -> None:
+    space, study, _ = searched
+    best = select_trial(study)
+    assert best.state == TrialState.COMPLETE and best.value == max(t.value for t in study.trials
+                                                                   if t.state == TrialState.COMPLETE)
+    cfg = export_config(space, best)
+    assert cfg.optim.epochs == 4 and cfg.eval_test
+    assert cfg.distill.method == best.params["distill.method"]
+    assert cfg.optim.lr == best.params["optim.lr"]
+
+
+def test_the_study_pruner_can_be_the_scheduler(tmp_path: Path, teacher_cache: Path, ray_address) -> None:
+    data = tiny_space(tmp_path, teacher_cache=teacher_cache, presets=False, n_trials=3,
+                      pruner={"name": "median", "n_startup_trials": 2, "n_warmup_steps": 1})
+    data["run"]["distill"]["method"] = "kd"
+    space = load_space(write(tmp_path / "s.yaml", data))
+    study = open_study(space, make_storage(space))
+    for params in (GOOD, GOOD, WEAK):
+        study.enqueue_trial(params)
+    study = run_ray_search(space, stream=io.StringIO(), scheduler="pruner", max_concurrent=1)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.PRUNED]
+    weak = study.trials[2]
+    assert max(weak.intermediate_values) < 4 and weak.value == weak.intermediate_values[max(weak.intermediate_values)]
+
+
+def test_multi_objective_runs_keep_curves_and_both_values(tmp_path: Path, teacher_cache: Path, ray_address) -> None:
+    data = tiny_space(tmp_path, teacher_cache=teacher_cache, presets=False, n_trials=2,
+                      second_objective="student_params", pruner={"name": "none"})
+    data["run"]["distill"]["method"] = "kd"
+    data["run"]["student"] = {"choices": ["digits_cnn_small", "digits_cnn_large"]}
+    space = load_space(write(tmp_path / "s.yaml", data))
+    study = run_ray_search(space, stream=io.StringIO())
+    assert len(study.trials) == 2 and all(t.state == TrialState.COMPLETE for t in study.trials)
+    for t in study.trials:
+        assert t.values[1] == t.user_attrs["student_params"]
+        assert sorted(t.intermediate_values) == [1, 2, 3, 4] and t.values[0] == t.intermediate_values[4]
+
+
+def test_a_failing_trial_is_fail_with_its_reason(tmp_path: Path, teacher_cache: Path, ray_address,
+                                                 monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # relative paths of the space are the driver's, not the Ray worker's
+    data = tiny_space(tmp_path, teacher_cache=teacher_cache, presets=False, n_trials=1)
+    # The first choice is what the driver checks before the study starts; the trial draws the missing one.
+    torch.save(create_model("digits_cnn_large", 10, in_channels=1).state_dict(), tmp_path / "teacher.pt")
+    data["run"]["teacher"]["checkpoint"] = {"choices": ["teacher.pt", "missing-teacher.pt"]}
+    space = load_space(write(tmp_path / "s.yaml", data))
+    study = open_study(space, make_storage(space))
+    study.enqueue_trial({"teacher.checkpoint": "missing-teacher.pt"})
+    (trial,) = run_ray_search(space, stream=io.StringIO()).trials
+    assert trial.state == TrialState.FAIL
+    reason = trial.user_attrs["fail_reason"]
+    assert reason.startswith("CheckpointError:") and str(tmp_path / "missing-teacher.pt") in reason
+    assert "\n" not in reason
+    assert "Traceback" in (Path(trial.user_attrs["config"]["output_dir"]) / "error.log").read_text()
+
+
+def test_settings_that_cannot_work_are_refused_before_ray_starts(tmp_path: Path) -> None:
+    data = tiny_space(tmp_path, second_objective="student_params", pruner={"name": "none"})
+    space = load_space(write(tmp_path / "s.yaml", data))
+    with pytest.raises(StudyError, match="second_objective cannot prune; allowed: fifo"):
+        run_ray_search(space, scheduler="asha")
+    with pytest.raises(StudyError, match="ray option 'gpus' is unknown; allowed: cpus_per_trial"):
+        run_ray_search(space, gpus=1)
+    with pytest.raises(ConfigError, match=r"study.ray: gpus_per_trial: -1.0 is out of range"):
+        run_ray_search(space, gpus_per_trial=-1.0)
+    with pytest.raises(StudyError, match=r"Ray Client \(ray://\) is not supported"):
+        run_ray_search(space, address="ray://head:10001")
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, str(ROOT / "search.py"), *args]
+
+
+def test_cli_ray_backend_continues_a_plain_study(tmp_path: Path, teacher_cache: Path, ray_address) -> None:
+    path = write(tmp_path / "s.yaml", tiny_space(tmp_path, teacher_cache=teacher_cache))
+    run_search(load_space(path), n_trials=1, stream=io.StringIO())  # the plain backend runs the first preset
+    cli = subprocess.run(_cli("--space", str(path), "--backend", "ray", "--address", ray_address, "--n-trials", "2"),
+                         check=False, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert cli.returncode == 0, cli.stderr[-3000:]
+    assert "study tiny:" in cli.stdout and "best trial #" in cli.stdout
+    trials = stored(load_space(path))
+    assert len(trials) == 3 and all(t.state in FINISHED for t in trials)
+    assert [t.user_attrs.get("preset") for t in trials[:2]] == ["reference", "kd"]  # Ray took the queued preset
+    assert "history" in trials[1].user_attrs and trials[1].intermediate_values
+
+
+def test_ctrl_c_leaves_no_trial_running(tmp_path: Path, teacher_cache: Path, ray_address) -> None:
+    data = tiny_space(tmp_path, teacher_cache=teacher_cache, presets=False, pruner={"name": "none"})
+    data["run"]["optim"]["epochs"] = 60  # long enough to be interrupted mid-trial
+    path = write(tmp_path / "s.yaml", data)
+    proc = subprocess.Popen(_cli("--space", str(path), "--backend", "ray", "--address", ray_address,
+                                 "--n-trials", "4"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not _some_epoch_stored(path):
+            time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "interrupted" in stderr
+    trials = stored(load_space(path))
+    assert trials and all(t.state in FINISHED for t in trials), [t.state for t in trials]
+    interrupted = [t for t in trials if t.user_attrs.get("interrupted")]
+    assert interrupted and all(t.state == TrialState.FAIL and t.user_attrs["fail_reason"] for t in interrupted)
+    assert any(t.intermediate_values for t in interrupted)  # the curve so far is kept
+
+
+def _some_epoch_stored(path: Path) -> bool:
+    try:
+        return any(t.intermediate_values for t in stored(load_space(path)))
+    except Exception:
+        return False

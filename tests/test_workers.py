@@ -1,0 +1,89 @@
+"""Several worker processes on one study: SQLite (local), PostgreSQL and MySQL/MariaDB (many machines).
+
+The server databases are the local test services; a test skips with the reason when its database does not answer,
+unless ACKD_REQUIRE_DATABASES=1 (as `.ci/run` sets), where an absent database fails the test."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import optuna
+import pytest
+import sqlalchemy
+from optuna.trial import TrialState
+from tiny_space import tiny_space, write
+
+from ackd_search.workers import shares
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVERS = {
+    "postgresql": "postgresql://postgres@127.0.0.1:5432/test",
+    "mysql": "mysql+pymysql://root@127.0.0.1:3306/test",
+}
+
+
+def reachable_or_skip(url: str) -> None:
+    try:
+        engine = sqlalchemy.create_engine(url, connect_args={"connect_timeout": 5})
+        with engine.connect():
+            pass
+        engine.dispose()
+    except Exception as err:
+        reason = f"{url.split('://')[0]} at {url.split('@')[-1]} does not answer: {type(err).__name__}"
+        if os.environ.get("ACKD_REQUIRE_DATABASES") == "1":
+            pytest.fail(reason + " (required: ACKD_REQUIRE_DATABASES=1)")
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def teacher_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("teachers")
+
+
+def test_shares_split_trials_exactly() -> None:
+    assert shares(7, 3) == [3, 2, 2] and sum(shares(5, 4)) == 5 and shares(None, 2) == [None, None]
+
+
+def run_workers(space_file: Path, workers: int, n_trials: int) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "search.py"), "--space", str(space_file), "--workers", str(workers),
+         "--n-trials", str(n_trials)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT, env=env, check=False,
+    )
+
+
+def check_shared_study(storage: str, name: str, expected: int, out: str) -> None:
+    study = optuna.load_study(study_name=name, storage=storage)
+    trials = study.trials
+    assert len(trials) == expected, out
+    assert sorted(t.number for t in trials) == list(range(expected))  # none lost, none duplicated
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL) for t in trials), out
+    assert [t.user_attrs.get("preset") for t in trials].count("reference") == 1
+    assert [t.user_attrs.get("preset") for t in trials].count("kd") == 1
+    assert "[w1]" in out and "[w2]" in out  # both workers ran trials
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql", "mysql"])
+def test_two_workers_share_one_study(tmp_path: Path, teacher_cache: Path, backend: str) -> None:
+    name = f"tiny-{uuid.uuid4().hex[:8]}"
+    storage = None if backend == "sqlite" else SERVERS[backend]
+    if storage:
+        reachable_or_skip(storage)
+    data = tiny_space(tmp_path, name=name, teacher_cache=teacher_cache, storage=storage, n_trials=6)
+    space_file = write(tmp_path / "space.yaml", data)
+    try:
+        cli = run_workers(space_file, workers=2, n_trials=6)
+        assert cli.returncode == 0, cli.stdout + cli.stderr
+        check_shared_study(data["study"]["storage"], name, 6, cli.stdout)
+        # A second round on the same study adds to it, still without gaps or repeats.
+        cli = run_workers(space_file, workers=2, n_trials=2)
+        assert cli.returncode == 0, cli.stdout + cli.stderr
+        check_shared_study(data["study"]["storage"], name, 8, cli.stdout)
+    finally:
+        if storage:
+            optuna.delete_study(study_name=name, storage=storage)
