@@ -59,9 +59,8 @@ def _stop_on_signal(signum, frame):
 
 def cmd_search(args) -> int:
     from ackd_search.space import load_space
-    from ackd_search.study import quiet_optuna, run_search, summary
+    from ackd_search.study import run_search, summary
 
-    quiet_optuna()
     space = load_space(args.space)
     if args.backend == "ray":
         from ackd_search.ray_backend import run_ray_search
@@ -142,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, _stop_on_signal)
     signal.signal(signal.SIGTERM, _stop_on_signal)
     from ackd_search.errors import USER_ERRORS
+    from ackd_search.study import quiet_optuna
+
+    quiet_optuna()
 
     commands = {"search": cmd_search, "export": cmd_export, "train": cmd_train, "report": cmd_report,
                 "dashboard": cmd_dashboard}

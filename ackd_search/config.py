@@ -141,6 +141,10 @@ class RunConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 autocast on CUDA, fp32 elsewhere
     channels_last: bool = True  # applied on CUDA only
     compile: bool = False
+    # torch threads on a CPU device (None: torch's default, one per core). On a quiet 2-core machine one thread ran
+    # a digits trial as fast as two (ACKD 5.9 s vs 6.2 s, KD 2.2 s vs 2.5 s, means of 3); with other work on the
+    # second core, two threads slowed down several-fold. Set 1 for tiny nets and for several workers per machine.
+    cpu_threads: int | None = _in(ge=1, le=1024, default=None)
     eval_test: bool = False  # read the test set once at the end (final training only; the search never does)
     output_dir: str | None = None  # checkpoints and results; None = nothing written
 

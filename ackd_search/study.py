@@ -461,7 +461,9 @@ def importance_lines(study: optuna.Study, complete: list[FrozenTrial], minimum: 
     if len(study.directions) > 1 or len(complete) < minimum:
         return [f"(parameter importances need >= {minimum} complete trials of a single-objective study)"]
     try:
-        importances = optuna.importance.get_param_importances(study)
+        with warnings.catch_warnings():  # "few trials in a regime": the ranking below is all we claim
+            warnings.simplefilter("ignore", UserWarning)
+            importances = optuna.importance.get_param_importances(study)
     except Exception as err:  # e.g. every parameter constant so far
         return [f"(parameter importances unavailable: {one_line(err)})"]
     ranked = list(importances.items())[:8]

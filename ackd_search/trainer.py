@@ -167,6 +167,8 @@ class _Run:
         """`splits` and `teacher`, when given, replace the configured data set and teacher (for benchmarks)."""
         self.cfg, self.reporter = cfg, reporter
         self.device = resolve_device(cfg.device)
+        if cfg.cpu_threads and self.device.type == "cpu":
+            torch.set_num_threads(cfg.cpu_threads)
         self.autocast = autocast_for(cfg, self.device)
         self.run_dir = Path(cfg.output_dir) if cfg.output_dir else None
         self.splits = splits if splits is not None else get_splits(cfg.data)

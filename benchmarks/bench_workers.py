@@ -1,5 +1,6 @@
 """Search throughput with 1, 2 and 4 local workers on one study (the digits space, pruning off so every trial
 does the same number of epochs): trials per minute and scaling efficiency, printed as a table and written as JSON.
+Workers sample different configurations (their own sampler seeds), so the rows' trial mixes differ somewhat.
 
   python benchmarks/bench_workers.py [--trials 16] [--workers 1 2 4] [--out benchmarks/results/workers-cpu.json]
 """
@@ -22,8 +23,10 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def space_for(tmp: Path, name: str, teacher_cache: Path, n_trials: int) -> Path:
+def space_for(tmp: Path, name: str, teacher_cache: Path, n_trials: int, torch_default_threads: bool = False) -> Path:
     data = yaml.safe_load((ROOT / "spaces" / "digits.yaml").read_text())
+    if torch_default_threads:
+        data["run"].pop("cpu_threads", None)
     data["study"].update(
         name=name, storage=f"sqlite:///{tmp / (name + '.db')}", n_trials=n_trials, pruner={"name": "none"},
         runs_dir=str(tmp / f"{name}-runs"), artifacts_dir=str(tmp / f"{name}-artifacts"),
@@ -38,8 +41,10 @@ def run(space: Path, workers: int, n_trials: int) -> float:
     cmd = [sys.executable, str(ROOT / "search.py"), "--space", str(space), "--n-trials", str(n_trials)]
     if workers > 1:
         cmd += ["--workers", str(workers)]
+    env = dict(os.environ)
+    env.pop("OMP_NUM_THREADS", None)  # the space's run.cpu_threads decides, or torch's default
     start = time.perf_counter()
-    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, env=env)
     return time.perf_counter() - start
 
 
@@ -55,12 +60,18 @@ def main() -> None:
         teachers = tmp / "teachers"
         warm = space_for(tmp, "warmup", teachers, 1)
         run(warm, 1, 1)  # trains and caches the teacher, so no row pays for it
-        for workers in args.workers:
-            name = f"w{workers}"
-            wall = run(space_for(tmp, name, teachers, args.trials), workers, args.trials)
+        # Every trial of the digits space runs on one torch thread (run.cpu_threads: 1). The last row drops that
+        # setting (torch's default: a thread per core) to show what it is worth on its own.
+        plan = [(w, 1) for w in args.workers] + [(1, None)]
+        for workers, threads in plan:
+            name = f"w{workers}-t{threads or 'default'}"
+            space = space_for(tmp, name, teachers, args.trials, torch_default_threads=threads is None)
+            wall = run(space, workers, args.trials)
             study = optuna.load_study(study_name=name, storage=f"sqlite:///{tmp / (name + '.db')}")
             done = sum(t.state.is_finished() for t in study.trials)
-            rows.append({"workers": workers, "trials": done, "wall_s": round(wall, 1),
+            epochs = sum(len(t.intermediate_values) for t in study.trials)
+            rows.append({"workers": workers, "threads_per_trial": threads or os.cpu_count(),
+                         "trials": done, "epochs": epochs, "wall_s": round(wall, 1),
                          "trials_per_min": round(60 * done / wall, 2)})
     base = rows[0]["trials_per_min"] / rows[0]["workers"]
     for row in rows:
@@ -68,10 +79,11 @@ def main() -> None:
         row["efficiency"] = round(row["trials_per_min"] / (base * row["workers"]), 2)
     device = f"cpu: {os.cpu_count()} cores, torch {torch.__version__}"
     print(f"digits search, {args.trials} trials, pruning off; {device}")
-    print(f"{'workers':>7} {'trials':>6} {'wall_s':>7} {'trials/min':>10} {'speedup':>7} {'efficiency':>10}")
+    print(f"{'workers':>7} {'threads':>7} {'trials':>6} {'epochs':>6} {'wall_s':>7} {'trials/min':>10} {'speedup':>7} "
+          f"{'efficiency':>10}")
     for r in rows:
-        print(f"{r['workers']:>7} {r['trials']:>6} {r['wall_s']:>7} {r['trials_per_min']:>10} {r['speedup']:>7} "
-              f"{r['efficiency']:>10}")
+        print(f"{r['workers']:>7} {r['threads_per_trial']:>7} {r['trials']:>6} {r['epochs']:>6} {r['wall_s']:>7} "
+              f"{r['trials_per_min']:>10} {r['speedup']:>7} {r['efficiency']:>10}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"device": device, "space": "spaces/digits.yaml (pruner none)", "rows": rows,

@@ -252,6 +252,17 @@ def test_cuda_without_cuda_is_refused() -> None:
 # --- schedules -------------------------------------------------------------------------------------------------
 
 
+def test_cpu_threads_sets_torch_threads_on_the_cpu(tmp_path: Path) -> None:
+    cfg = run_config(tmp_path, "student", epochs=1, limit=200)
+    cfg.cpu_threads = 1
+    torch.set_num_threads(2)
+    try:
+        train(cfg)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(1)
+
+
 def test_step_schedule_is_scaled_to_the_budget(tmp_path: Path) -> None:
     cfg = run_config(tmp_path, "student", epochs=8, limit=100, lr=0.1)
     # The recipe's 150/180/210 of 240 epochs become epochs 5/6/7 of 8.
