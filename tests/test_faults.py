@@ -56,16 +56,18 @@ def load(space_file: Path) -> optuna.Study:
 def wait_for_running_epochs(space_file: Path, proc: subprocess.Popen, epochs: int, timeout: float = 240):
     """Wait until a trial is RUNNING with at least `epochs` epochs reported (and so checkpointed)."""
     deadline = time.monotonic() + timeout
-    db = Path(load_space(space_file).storage_url.removeprefix("sqlite:///"))
+    # Touch the database only once the search has created the study: a reader opening it earlier would race the
+    # search in creating Optuna's tables.
+    seen = []
+    while not any("trials finished so far" in line for line in seen):
+        line = proc.stdout.readline()
+        assert line, "".join(seen)  # the search ended before opening its study
+        seen.append(line)
     while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stdout.read()
-        if db.exists():
-            try:
-                running = [t for t in load(space_file).trials if t.state == TrialState.RUNNING]
-            except (KeyError, optuna.exceptions.StorageInternalError):
-                running = []  # the study is being created
-            if running and len(running[0].intermediate_values) >= epochs:
-                return running[0]
+        assert proc.poll() is None, "".join(seen) + proc.stdout.read()
+        running = [t for t in load(space_file).trials if t.state == TrialState.RUNNING]
+        if running and len(running[0].intermediate_values) >= epochs:
+            return running[0]
         time.sleep(0.2)
     raise AssertionError("no trial reached the wanted epoch in time")
 

@@ -18,7 +18,7 @@ import pytest
 import ray
 import torch
 from optuna.trial import TrialState
-from tiny_space import tiny_space, write
+from tiny_space import stored_epochs, tiny_space, write
 
 from ackd_search.config import ConfigError
 from ackd_search.export import export_config, select_trial
@@ -213,7 +213,7 @@ def test_ctrl_c_leaves_no_trial_running(tmp_path: Path, teacher_cache: Path, ray
                             cwd=ROOT)
     try:
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not _some_epoch_stored(path):
+        while time.monotonic() < deadline and not stored_epochs(tmp_path / "tiny.db"):
             time.sleep(0.3)
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=120)
@@ -226,10 +226,3 @@ def test_ctrl_c_leaves_no_trial_running(tmp_path: Path, teacher_cache: Path, ray
     interrupted = [t for t in trials if t.user_attrs.get("interrupted")]
     assert interrupted and all(t.state == TrialState.FAIL and t.user_attrs["fail_reason"] for t in interrupted)
     assert any(t.intermediate_values for t in interrupted)  # the curve so far is kept
-
-
-def _some_epoch_stored(path: Path) -> bool:
-    try:
-        return any(t.intermediate_values for t in stored(load_space(path)))
-    except Exception:
-        return False

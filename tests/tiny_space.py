@@ -3,7 +3,9 @@ search, fault-tolerance and Ray tests)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -53,3 +55,13 @@ def variant(data: dict[str, Any], **study: Any) -> dict[str, Any]:
     out = copy.deepcopy(data)
     out["study"].update(study)
     return out
+
+
+def stored_epochs(db: Path) -> int:
+    """Intermediate values stored so far in an SQLite study file, read without writing anything (opening it with
+    Optuna while a search is creating it would race the search in creating the tables); 0 while it is not there."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+            return int(conn.execute("SELECT count(*) FROM trial_intermediate_values").fetchone()[0])
+    except sqlite3.Error:
+        return 0
