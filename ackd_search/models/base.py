@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 import torch
 from torch import nn
@@ -60,6 +60,23 @@ class StagedNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.forward_features(x))
+
+
+def benchmark_init(model: nn.Module, classifier: Literal["default", "zero_bias", "normal"] = "default") -> None:
+    """The CIFAR KD benchmark's initialisation: He-normal (fan_out) convolutions with zero bias, BatchNorm weight 1
+    and bias 0; the classifier per family: torch's default, a zero bias, or N(0, 0.01) weights with a zero bias."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear) and classifier != "default":
+            if classifier == "normal":
+                nn.init.normal_(m.weight, 0.0, 0.01)
+            nn.init.zeros_(m.bias)
 
 
 class ModelBuilder(Protocol):

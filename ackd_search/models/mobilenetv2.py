@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ackd_search.models.base import Head, StagedNet, StageInfo, register_model
+from ackd_search.models.base import Head, StagedNet, StageInfo, benchmark_init, register_model
 
 _MULTIPLIER = 0.5  # mobile_half
 _LAST_CHANNELS = 1280  # the benchmark shrinks the final 1x1 conv only for multipliers above 1, so x0.5 keeps 1280
@@ -64,19 +64,6 @@ class InvertedResidual(nn.Module):
         return x + out if self.use_residual else out
 
 
-def _init_weights(model: nn.Module) -> None:
-    # Benchmark init: He-normal (fan_out) convs, unit/zero BN, N(0, 0.01) classifier with zero bias.
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, 0.0, 0.01)
-            nn.init.zeros_(m.bias)
-
-
 @register_model
 def mobilenetv2(num_classes: int, width: float = 1.0, in_channels: int = 3) -> StagedNet:
     """MobileNetV2 x0.5 for 32x32 inputs; `width` rescales every layer on top of the 0.5 multiplier.
@@ -110,5 +97,5 @@ def mobilenetv2(num_classes: int, width: float = 1.0, in_channels: int = 3) -> S
         stages.append(nn.Sequential(*blocks))
         info.append(StageInfo(prev, reduction))
     net = StagedNet(stem, stages, Head(prev, num_classes), info)
-    _init_weights(net)
+    benchmark_init(net, classifier="normal")
     return net

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ackd_search.models.base import Head, StagedNet, StageInfo, register_model
+from ackd_search.models.base import Head, StagedNet, StageInfo, benchmark_init, register_model
 
 _NARROW = (16, 16, 32, 64)  # stem, layer1, layer2, layer3
 _WIDE_X4 = (32, 64, 128, 256)
@@ -39,16 +39,6 @@ class ResidualBlock(nn.Module):
         return torch.relu(out + self.shortcut(x))
 
 
-def _init_weights(model: nn.Module) -> None:
-    # Same distributions as the benchmark: He-normal (fan_out) convs, unit/zero BN, default Linear.
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-
-
 def cifar_resnet(
     depth: int, filters: tuple[int, int, int, int], num_classes: int, width: float = 1.0, in_channels: int = 3
 ) -> StagedNet:
@@ -73,7 +63,7 @@ def cifar_resnet(
         info.append(StageInfo(ch, reduction))
         prev = ch
     net = StagedNet(stem, stages, Head(prev, num_classes), info)
-    _init_weights(net)
+    benchmark_init(net)
     return net
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ackd_search.models.base import Head, StagedNet, StageInfo, register_model
+from ackd_search.models.base import Head, StagedNet, StageInfo, benchmark_init, register_model
 
 # Convs per block; the benchmark names these configs S (vgg8), A, B, D, E.
 _CONFIGS: dict[str, tuple[tuple[int, ...], ...]] = {
@@ -23,21 +23,6 @@ _POOL_BEFORE = (False, True, True, True, False)
 
 def _scaled(channels: int, width: float) -> int:
     return max(1, round(channels * width))
-
-
-def _init_weights(model: nn.Module) -> None:
-    # Benchmark init: He-normal (fan_out) convs with zero bias, unit/zero BN, N(0, 0.01) classifier.
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, 0.0, 0.01)
-            nn.init.zeros_(m.bias)
 
 
 def cifar_vgg(config: str, num_classes: int, width: float = 1.0, in_channels: int = 3) -> StagedNet:
@@ -57,7 +42,7 @@ def cifar_vgg(config: str, num_classes: int, width: float = 1.0, in_channels: in
         stages.append(nn.Sequential(*layers))
         info.append(StageInfo(prev, reduction))
     net = StagedNet(nn.Identity(), stages, Head(prev, num_classes), info)
-    _init_weights(net)
+    benchmark_init(net, classifier="normal")
     return net
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ackd_search.models.base import Head, StagedNet, StageInfo, register_model
+from ackd_search.models.base import Head, StagedNet, StageInfo, benchmark_init, register_model
 
 
 def _scaled(channels: int, width: float) -> int:
@@ -34,18 +34,6 @@ class PreActBlock(nn.Module):
         return out + (x if self.shortcut is None else self.shortcut(act))
 
 
-def _init_weights(model: nn.Module) -> None:
-    # The benchmark's normal(0, sqrt(2 / (k*k*out))) is exactly He-normal with fan_out.
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear):
-            nn.init.zeros_(m.bias)
-
-
 def wide_resnet(depth: int, widen: int, num_classes: int, width: float = 1.0, in_channels: int = 3) -> StagedNet:
     """WRN-depth-widen for 32x32 inputs: three groups of (depth-4)/6 blocks at 16k, 32k, 64k channels."""
     if (depth - 4) % 6 != 0:
@@ -69,7 +57,7 @@ def wide_resnet(depth: int, widen: int, num_classes: int, width: float = 1.0, in
         info.append(StageInfo(ch, reduction))
         prev = ch
     net = StagedNet(stem, stages, Head(prev, num_classes), info)
-    _init_weights(net)
+    benchmark_init(net, classifier="zero_bias")
     return net
 
 
