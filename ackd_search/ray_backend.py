@@ -29,27 +29,22 @@ from ray.tune.search.optuna import OptunaSearch
 
 from ackd_search import __version__
 from ackd_search.config import RunConfig, from_dict, to_dict, with_absolute_paths
-from ackd_search.space import PRUNER_DEFAULTS, RayOptions, Space, make_pruner
-from ackd_search.study import (
-    FINISHED,
+from ackd_search.objective import (
     OBJECTIVE,
-    Progress,
-    StudyError,
     StudyPaths,
-    check_storage,
     compact_history,
-    make_storage,
     one_line,
-    open_study,
-    preflight,
-    requeue_interrupted,
     root_trial_number,
-    safe_url,
     trial_attrs,
     upload_best_weights,
+    upload_config,
     upload_curve,
     write_traceback,
 )
+from ackd_search.progress import Progress
+from ackd_search.space import PRUNER_DEFAULTS, RayOptions, Space, make_pruner
+from ackd_search.storage import StudyError, check_storage, make_storage, safe_url
+from ackd_search.study import FINISHED, open_study, preflight, requeue_interrupted, run_confirmation
 from ackd_search.trainer import CHECKPOINT, NonFiniteLossError, train
 
 OUTCOME = "ackd_outcome"  # key of a trial's last report: how it ended, as JSON (Tune flattens nested dicts)
@@ -174,7 +169,7 @@ class StudySearch(OptunaSearch):
         except Exception as err:
             config["error"] = one_line(err)
             return config
-        ot_trial.set_user_attr("config", to_dict(cfg))
+        upload_config(ot_trial, cfg, run_dir, self.paths)
         config["run_config"] = json.dumps(to_dict(cfg))
         return config
 
@@ -183,7 +178,8 @@ class StudySearch(OptunaSearch):
         self.record(trial_id, result)
 
     def record(self, trial_id: str, result: dict[str, Any]) -> bool:
-        """Store a reported epoch as an intermediate value and in the `history` attr; False when not a new epoch."""
+        """Store a reported epoch as an intermediate value (the whole curve is an artifact at the end); False when
+        not a new epoch."""
         if trial_id not in self._ot_trials or trial_id in self._completed_trials:
             return False
         epoch = int(result.get("epoch", 0))
@@ -194,7 +190,6 @@ class StudySearch(OptunaSearch):
         storage_id = self._ot_trials[trial_id]._trial_id
         # Through the storage: `Trial.report` refuses multi-objective studies, but their curves are worth keeping.
         self.study._storage.set_trial_intermediate_value(storage_id, epoch, float(result[OBJECTIVE]))
-        self.study._storage.set_trial_user_attr(storage_id, "history", self.curve(trial_id))
         return True
 
     def curve(self, trial_id: str) -> list[dict[str, Any]]:
@@ -229,7 +224,7 @@ class StudySearch(OptunaSearch):
     def _finish_complete(self, trial_id: str, outcome: dict[str, Any]) -> None:
         ot_trial, run_dir = self._ot_trials[trial_id], self._run_dirs[trial_id]
         attrs = outcome["attrs"]
-        for key, value in {**attrs, "history": outcome["history"]}.items():
+        for key, value in attrs.items():
             ot_trial.set_user_attr(key, value)
         upload_curve(ot_trial, outcome["history"], run_dir, self.paths)
         upload_best_weights(ot_trial, self.space, outcome["final_val_acc"], run_dir, self.paths)
@@ -240,6 +235,8 @@ class StudySearch(OptunaSearch):
 
     def _finish_pruned(self, trial_id: str, reason: str | None = None) -> None:
         ot_trial, run_dir = self._ot_trials[trial_id], self._run_dirs[trial_id]
+        ot_trial.set_user_attr("prune_reason", reason or f"stopped by the Ray scheduler after epoch "
+                               f"{max(self._history.get(trial_id, {0: None}))}")
         if reason:
             ot_trial.set_user_attr("fail_reason", reason)
         upload_curve(ot_trial, self.curve(trial_id), run_dir, self.paths)
@@ -322,9 +319,10 @@ def budget_epochs(space: Space) -> int:
 
 
 def scheduler_kind(space: Space, options: RayOptions) -> Scheduler:
-    """asha unless the study cannot prune (pruner none, or two objectives), where trials run to the end (fifo)."""
+    """The study's own pruner by default (`pruner`: the same rule, warm-up and keep rate as the plain backend; ASHA's
+    default would stop the bottom 75 % at every rung), fifo when the study cannot prune; asha when asked for."""
     can_prune = space.study.pruner["name"] != "none" and not space.multi_objective
-    kind = options.scheduler or ("asha" if can_prune else "fifo")
+    kind = options.scheduler or ("pruner" if can_prune else "fifo")
     if kind != "fifo" and space.multi_objective:
         raise StudyError(f"{space.source}: study.ray.scheduler: {kind!r} stops trials early, but a study with "
                          "second_objective cannot prune; allowed: fifo")
@@ -415,7 +413,7 @@ def init_ray(address: str | None) -> bool:
 
 def run_ray_search(space: Space, n_trials: int | None = None, storage_url: str | None = None,
                    address: str | None = None, stream=None, *, timeout_s: float | None = None, seed_offset: int = 0,
-                   **ray_options: Any) -> optuna.Study:
+                   confirm: bool = True, **ray_options: Any) -> optuna.Study:
     """Open or resume the study, enqueue the presets, and run `n_trials` more trials under Ray Tune.
 
     `ray_options` override `RayOptions` (cpus_per_trial, gpus_per_trial, max_concurrent, scheduler, ...)."""
@@ -441,7 +439,10 @@ def run_ray_search(space: Space, n_trials: int | None = None, storage_url: str |
     finally:
         if connected:
             ray.shutdown()
-    return optuna.load_study(study_name=space.study.name, storage=storage)
+    study = optuna.load_study(study_name=space.study.name, storage=storage)
+    if confirm:  # the confirmation runs are few and sequential: the plain backend, in this process
+        run_confirmation(space, study, stream)
+    return study
 
 
 def _tune(space: Space, study: optuna.Study, storage: RDBStorage, options: RayOptions, kind: Scheduler,

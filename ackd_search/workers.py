@@ -1,7 +1,8 @@
 """Several local worker processes sharing one study through its storage URL (`search.py --workers N`).
 
 The parent checks the storage, trains or reads the teacher and opens the study once; each worker then runs its
-share of the trials with its own sampler seed. Workers on other machines join by running the same command."""
+share of the trials with its own random sampler seed (logged), and the parent confirms the candidates at the end.
+Workers on other machines join by running the same command."""
 
 from __future__ import annotations
 
@@ -11,15 +12,10 @@ import signal
 import subprocess
 import sys
 
+from ackd_search.progress import summary
 from ackd_search.space import Space
-from ackd_search.study import (
-    check_storage,
-    make_storage,
-    open_study,
-    preflight,
-    requeue_interrupted,
-    summary,
-)
+from ackd_search.storage import check_storage, make_storage
+from ackd_search.study import open_study, preflight, requeue_interrupted, run_confirmation
 
 
 def shares(n_trials: int | None, workers: int) -> list[int | None]:
@@ -32,7 +28,7 @@ def shares(n_trials: int | None, workers: int) -> list[int | None]:
 
 def worker_command(args: argparse.Namespace, index: int, n_trials: int | None) -> list[str]:
     cmd = [sys.executable, "-m", "ackd_search.cli", "search", "--space", args.space,
-           "--seed-offset", str(args.seed_offset + index + 1), "--worker-tag", f"w{index + 1}", "--no-requeue"]
+           "--worker-tag", f"w{index + 1}", "--no-requeue", "--no-confirm"]
     if n_trials is not None:
         cmd += ["--n-trials", str(n_trials)]
     if args.timeout is not None:
@@ -66,6 +62,7 @@ def run_workers(args: argparse.Namespace, space: Space) -> int:
         for p in procs:
             p.wait()
         raise
-    print(summary(study))
     failed = [c for c in codes if c != 0]
+    run_confirmation(space, study)  # the parent alone: a worker that died left its share to the retry above
+    print(summary(study))
     return max(failed) if failed else 0
