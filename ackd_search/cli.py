@@ -5,48 +5,127 @@
 from __future__ import annotations
 
 import argparse
+import difflib
+import json
+import math
 import os
 import signal
 import sys
 from pathlib import Path
 
-COMMANDS = ("search", "export", "train", "report", "dashboard")
+from ackd_search import __version__
+
+COMMANDS = {
+    "search": "run or resume the study a space file names (the default command)",
+    "export": "write a trial's own run config, at the full budget, for train",
+    "train": "train a run config to the end and read the test set once",
+    "report": "print a study's summary: best trials or Pareto front, importances",
+    "dashboard": "serve optuna-dashboard for the study (127.0.0.1:8080)",
+}
+DESCRIPTION = ("Search knowledge-distillation configurations (ACKD and KD hyperparameters and the student's\n"
+               "auxiliary learners) with Optuna, then export the best one and train it to the end.")
+EPILOG = ("with no command, search is meant: search.py --space spaces/digits.yaml\n"
+          "search.py COMMAND --help lists the options of a command")
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="search.py", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("search", help="run or resume a study (the default command)")
+class _Parser(argparse.ArgumentParser):
+    """Argument errors are one line on stderr and exit code 2, like every other user error."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def _positive(kind: type):
+    """An argparse type for counts (int, >= 1) and durations (float, > 0): 0, negatives, nan and inf refused."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if not math.isfinite(value) or value <= 0:
+            raise argparse.ArgumentTypeError(f"must be {'>= 1' if kind is int else '> 0'}, got {text}")
+        return value
+
+    return parse
+
+
+POSITIVE_INT, POSITIVE_SECONDS = _positive(int), _positive(float)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="search.py", description=DESCRIPTION, epilog=EPILOG,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"ackd-search {__version__}")
+    sub = parser.add_subparsers(title="commands", dest="command", required=True, metavar="COMMAND")
+    s = sub.add_parser("search", help=COMMANDS["search"], description=COMMANDS["search"])
     s.add_argument("--space", required=True, help="search-space YAML file")
-    s.add_argument("--n-trials", type=int, help="trials to add in this run (default: study.n_trials)")
-    s.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
+    s.add_argument("--n-trials", type=POSITIVE_INT,
+                   help="trials to add in this run, >= 1 (default: study.n_trials; if unset, until --timeout or "
+                        "Ctrl-C)")
+    s.add_argument("--timeout", type=POSITIVE_SECONDS, help="stop starting trials after this many seconds (> 0)")
     s.add_argument("--storage", help="SQLAlchemy URL overriding study.storage (e.g. postgresql://host/db)")
-    s.add_argument("--workers", type=int, default=1, help="local worker processes sharing the study")
-    s.add_argument("--backend", choices=("optuna", "ray"), default="optuna")
+    s.add_argument("--workers", type=POSITIVE_INT,
+                   help="local worker processes sharing the study (default 1; not with --backend ray, which "
+                        "sizes itself from study.ray)")
+    s.add_argument("--backend", choices=("optuna", "ray"), default="optuna",
+                   help="run trials in this process (optuna, the default) or under Ray Tune (ray)")
     s.add_argument("--address", help="Ray cluster to join (auto | host:port of a running one); default: a local Ray")
     s.add_argument("--seed-offset", type=int, default=0, help=argparse.SUPPRESS)  # set per local worker
     s.add_argument("--worker-tag", default="", help=argparse.SUPPRESS)
     s.add_argument("--no-requeue", action="store_true", help=argparse.SUPPRESS)  # the parent re-queues once
-    e = sub.add_parser("export", help="write a trial as a complete run config")
-    e.add_argument("--space", required=True)
-    e.add_argument("--storage")
+    s.add_argument("--no-confirm", action="store_true",
+                   help="skip the confirmation of the candidates over seeds (run it later with `confirm`)")
+    e = sub.add_parser("export", help=COMMANDS["export"], description=COMMANDS["export"])
+    e.add_argument("--space", required=True, help="the space file the study was created from")
+    e.add_argument("--storage", help="SQLAlchemy URL overriding study.storage")
     e.add_argument("--trial", type=int, help="trial number (default: the best; required for a Pareto front)")
-    e.add_argument("--epochs", type=int, help="full budget (default: study.final_epochs, else the trial budget)")
-    e.add_argument("--out", help="output YAML (default: studies/<study>-best.yaml)")
-    t = sub.add_parser("train", help="train a run config to the end and report test accuracy once")
-    t.add_argument("--config", required=True)
-    t.add_argument("--output-dir", help="checkpoints and results (default: studies/final/<config name>)")
-    r = sub.add_parser("report", help="print a study's summary")
-    r.add_argument("--space", required=True)
-    r.add_argument("--storage")
-    d = sub.add_parser("dashboard", help="serve optuna-dashboard for the study on 127.0.0.1")
-    d.add_argument("--space", required=True)
-    d.add_argument("--storage")
-    d.add_argument("--host", default="127.0.0.1")
-    d.add_argument("--port", type=int, default=8080)
-    if not argv or argv[0] not in COMMANDS + ("-h", "--help"):
-        argv = ["search", *argv]
-    return parser.parse_args(argv)
+    e.add_argument("--epochs", type=POSITIVE_INT,
+                   help="full budget, >= 1 (default: study.final_epochs, else the trial's budget)")
+    e.add_argument("--out", help="output YAML file (default: studies/<study>-best.yaml)")
+    e.add_argument("--force", action="store_true", help="overwrite an earlier export at --out")
+    t = sub.add_parser("train", help=COMMANDS["train"], description=COMMANDS["train"])
+    t.add_argument("--config", required=True, help="run config YAML (as written by export)")
+    t.add_argument("--output-dir", help="checkpoints and results (default: output_dir, else studies/final/<config "
+                                        "name>)")
+    t.add_argument("--force", action="store_true",
+                   help="train again from scratch when --output-dir already holds a finished run")
+    r = sub.add_parser("report", help=COMMANDS["report"], description=COMMANDS["report"])
+    r.add_argument("--space", required=True, help="the space file the study was created from")
+    r.add_argument("--storage", help="SQLAlchemy URL overriding study.storage")
+    d = sub.add_parser("dashboard", help=COMMANDS["dashboard"], description=COMMANDS["dashboard"])
+    d.add_argument("--space", required=True, help="the space file the study was created from")
+    d.add_argument("--storage", help="SQLAlchemy URL overriding study.storage")
+    d.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    d.add_argument("--port", type=POSITIVE_INT, default=8080, help="port to serve on (default 8080)")
+    return parser
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = build_parser()
+    if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:
+        close = difflib.get_close_matches(argv[0], list(COMMANDS), n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]!r}?" if close else f"commands: {', '.join(COMMANDS)}"
+        parser.exit(2, f"error: unknown command {argv[0]!r}; {hint}\n")
+    if not argv or argv[0] not in (*COMMANDS, "-h", "--help", "--version"):
+        argv = ["search", *argv]  # `search.py --space x` means `search.py search --space x`
+    args = parser.parse_args(argv)
+    if args.command == "search":
+        if args.workers is not None and args.backend == "ray":
+            parser.exit(2, "error: --workers is for --backend optuna; Ray runs study.ray.max_concurrent trials at "
+                           "once (set it in the space file)\n")
+        args.workers = args.workers or 1
+    return args
+
+
+# What an interruption leaves, per command. Said without knowing where it struck (the search may have been reading
+# data or training the teacher, with no trial running).
+INTERRUPTED = {
+    "search": "a trial that was running is recorded as FAIL (interrupted); run the same command again to resume "
+              "(it re-runs such a trial from its last epoch checkpoint)",
+    "train": "run the same command again to resume from the last epoch checkpoint",
+}
 
 
 def _stop_on_signal(signum, frame):
@@ -58,8 +137,9 @@ def _stop_on_signal(signum, frame):
 
 
 def cmd_search(args) -> int:
+    from ackd_search.progress import summary
     from ackd_search.space import load_space
-    from ackd_search.study import run_search, summary
+    from ackd_search.study import run_search
 
     space = load_space(args.space)
     if args.backend == "ray":
@@ -73,8 +153,9 @@ def cmd_search(args) -> int:
         return run_workers(args, space)
     else:
         study = run_search(space, args.n_trials, args.timeout, args.storage, seed_offset=args.seed_offset,
-                           tag=args.worker_tag, requeue=not args.no_requeue)
-    print(summary(study))
+                           tag=args.worker_tag, requeue=not args.no_requeue, confirm=not args.no_confirm)
+    if not args.worker_tag:  # a local worker: its parent prints the one summary
+        print(summary(study))
     return 0
 
 
@@ -86,43 +167,64 @@ def cmd_export(args) -> int:
     study = load_existing_study(space, args.storage)
     trial = select_trial(study, args.trial)
     out = Path(args.out or f"studies/{space.study.name}-best.yaml")
-    cfg = write_export(space, study, trial, out, args.epochs)
+    cfg = write_export(space, study, trial, out, args.epochs, force=args.force)
     print(f"wrote {out}: trial #{trial.number}, {cfg.optim.epochs} epochs, distill.method {cfg.distill.method}")
     return 0
 
 
 def cmd_train(args) -> int:
     from ackd_search.config import load_run_config
-    from ackd_search.trainer import train
+    from ackd_search.runner import run_training
 
     cfg = load_run_config(args.config)
     cfg.output_dir = args.output_dir or cfg.output_dir or f"studies/final/{Path(args.config).stem}"
     cfg.eval_test = True
+    _refuse_or_clear_finished_run(Path(cfg.output_dir), args.force)
 
     def show(epoch: int, metrics: dict) -> None:
         note = " (restored from checkpoint)" if metrics.get("resumed") else ""
         print(f"epoch {epoch:>4}/{cfg.optim.epochs}  val_acc {metrics['val_acc']:6.2f}  "
               f"loss {metrics['terms']['loss']:.4f}  lr {metrics['lr']:.4g}{note}", flush=True)
 
-    result = train(cfg, reporter=show)
+    result = run_training(cfg, reporter=show)
     print(f"final: student {cfg.student} val_acc {result.final_val_acc:.2f}  test_acc {result.test_acc:.2f}  "
           f"({result.student_params:,} params, {result.student_flops / 1e6:.2f} MFLOPs; {result.device}); "
           f"results in {cfg.output_dir}")
     return 0
 
 
+def _refuse_or_clear_finished_run(run_dir: Path, force: bool) -> None:
+    """A finished run is not trained again by accident (that would read the test set again and overwrite its
+    result); with `force` its checkpoint and results are removed, so it trains from scratch."""
+    from ackd_search.errors import UsageError
+
+    result = run_dir / "result.json"
+    if not result.exists():
+        return  # new, or interrupted: `train` resumes from its last epoch checkpoint
+    if force:
+        for name in ("checkpoint.pt", "result.json", "student.pt"):
+            (run_dir / name).unlink(missing_ok=True)
+        return
+    try:
+        test_acc = f"{json.loads(result.read_text())['test_acc']:.2f}"
+    except (OSError, ValueError, KeyError, TypeError):
+        test_acc = "unreadable"
+    raise UsageError(f"{run_dir} already trained (test_acc {test_acc}); use --output-dir for a new run or --force "
+                     "to retrain")
+
+
 def cmd_report(args) -> int:
     from ackd_search.export import load_existing_study
+    from ackd_search.progress import summary
     from ackd_search.space import load_space
-    from ackd_search.study import summary
 
     print(summary(load_existing_study(load_space(args.space), args.storage)))
     return 0
 
 
 def cmd_dashboard(args) -> int:
+    from ackd_search.objective import StudyPaths
     from ackd_search.space import load_space
-    from ackd_search.study import StudyPaths
 
     space = load_space(args.space)
     url = args.storage or space.storage_url
@@ -138,8 +240,15 @@ def cmd_dashboard(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    signal.signal(signal.SIGINT, _stop_on_signal)
-    signal.signal(signal.SIGTERM, _stop_on_signal)
+    previous = {signum: signal.signal(signum, _stop_on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return _run(args)
+    finally:  # in-process callers (tests, notebooks) get their own handlers back
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _run(args: argparse.Namespace) -> int:
     from ackd_search.errors import USER_ERRORS
     from ackd_search.study import quiet_optuna
 
@@ -153,8 +262,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: the running trial is recorded as FAIL (interrupted) and resumes from its last epoch "
-              "checkpoint when you run the same command again", file=sys.stderr)
+        if sys.stderr.isatty():
+            print(file=sys.stderr)  # end the live progress line this message would otherwise be glued to
+        print(f"interrupted: {INTERRUPTED.get(args.command, 'stopped before finishing')}", file=sys.stderr)
         return 130
 
 

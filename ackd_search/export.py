@@ -1,27 +1,63 @@
 """Export a trial of a study (the best, a chosen one, or a Pareto point) as a complete run config YAML.
 
-Parameter names are config paths, so a trial's params map straight back onto the space's fixed run config."""
+What is exported is the config the trial itself trained with (stored with the trial), at the final budget; a space
+file that is not the study's is refused, as `search` refuses it."""
 
 from __future__ import annotations
 
+import json
+import tempfile
 import time
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import optuna
+import sqlalchemy
+from optuna.artifacts import FileSystemArtifactStore, download_artifact
+from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.trial import FrozenTrial, TrialState
 
 from ackd_search import __version__
-from ackd_search.config import RunConfig, save_run_config
-from ackd_search.space import Space
-from ackd_search.study import StudyError, existing_study, make_storage, safe_url
+from ackd_search.config import AckdConfig, OptimConfig, RunConfig, from_dict, save_run_config
+from ackd_search.errors import UsageError
+from ackd_search.objective import StudyPaths
+from ackd_search.space import LEARNER_PARAM, Space
+from ackd_search.storage import StudyError, existing_study, make_storage, safe_url
+
+CONFIG_ARTIFACT_ATTR = "config_artifact_id"  # user attr: the id of the trial's `config.json` artifact
+CONFIG_ATTR = "config"  # user attr of studies made before the config moved into an artifact
+
+
+def _sqlite_file(url: str) -> Path | None:
+    try:
+        parsed = sqlalchemy.engine.make_url(url)
+    except Exception:
+        return None  # make_storage says what is wrong with the URL
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database)
 
 
 def load_existing_study(space: Space, storage_url: str | None = None) -> optuna.Study:
-    storage = make_storage(space, storage_url)
+    """The space's study, read only: an SQLite file that is not there is reported, never created empty."""
+    url = storage_url or space.storage_url
+    db = _sqlite_file(url)
+    if db is not None and not db.is_file():
+        raise StudyError(f"no study {space.study.name!r}: {db} does not exist; run the search first")
+    storage = make_storage(space, url)
     study = existing_study(storage, space.study.name)
     if study is None:
         raise StudyError(f"no study {space.study.name!r} in {safe_url(storage.url)}; run the search first")
     return study
+
+
+def check_same_space(study: optuna.Study, space: Space) -> None:
+    """Refuse a space file edited since the study was created: its values are not what the trials ran."""
+    if study.user_attrs.get("space_fingerprint") != space.fingerprint():
+        made_from = study.user_attrs.get("space_source", "not by ackd-search")
+        raise StudyError(f"study {space.study.name!r} was created from a different space ({made_from}) than "
+                         f"{space.source}; export with the original space file")
 
 
 def select_trial(study: optuna.Study, number: int | None = None) -> FrozenTrial:
@@ -41,21 +77,130 @@ def select_trial(study: optuna.Study, number: int | None = None) -> FrozenTrial:
     raise StudyError(f"multi-objective study: choose a Pareto point with --trial N; front: {front}")
 
 
-def export_config(space: Space, trial: FrozenTrial, epochs: int | None = None) -> RunConfig:
-    """The trial's complete run config, for the full budget (`epochs`, else `study.final_epochs`, else the trial's)."""
-    cfg = space.run_config(trial.params)
-    cfg.optim.epochs = epochs or space.study.final_epochs or cfg.optim.epochs
+def load_trial_config(trial: FrozenTrial, artifacts_dir: str | Path) -> dict[str, Any] | None:
+    """The run config a trial trained with, as plain data: its `config.json` artifact, else its `config` user
+    attribute, else None (the trial stored neither)."""
+    artifact_id = trial.user_attrs.get(CONFIG_ARTIFACT_ATTR)
+    if artifact_id:
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                target = Path(tmp) / "config.json"
+                download_artifact(artifact_store=FileSystemArtifactStore(str(artifacts_dir)),
+                                  file_path=str(target), artifact_id=str(artifact_id))
+                return json.loads(target.read_text())
+        except (ArtifactNotFound, OSError, ValueError):
+            pass  # the artifact folder was moved or deleted: the attribute (or the checked space) stands in
+    stored = trial.user_attrs.get(CONFIG_ATTR)
+    return dict(stored) if isinstance(stored, dict) else None
+
+
+def trial_run_config(space: Space, trial: FrozenTrial, study: optuna.Study | None = None) -> tuple[RunConfig, str]:
+    """The config the trial trained with and where it came from. Without a stored config it is rebuilt from the
+    space, which is only the trial's own when the space is the study's: `study` is then required and checked."""
+    if study is not None:
+        check_same_space(study, space)
+    stored = load_trial_config(trial, StudyPaths.for_space(space).artifacts)
+    if stored is not None:
+        cfg = from_dict(RunConfig, stored, source=f"trial #{trial.number}'s stored config")
+        return cfg, "the trial's stored config"
+    if study is None:
+        raise StudyError(f"trial #{trial.number} stored no config; the study is needed to check the space file")
+    return space.run_config(trial.params), f"{space.source} (the trial stored no config)"
+
+
+def export_config(space: Space, trial: FrozenTrial, epochs: int | None = None,
+                  study: optuna.Study | None = None) -> RunConfig:
+    """The trial's own run config for the final training: the full budget (`epochs`, else `study.final_epochs`,
+    else the trial's), the test set read once at the end, no output folder (train picks one), the trial's seed.
+    ACKD knobs are reset to their defaults when the method is not ACKD: they do not act and are not written."""
+    cfg, _ = trial_run_config(space, trial, study)
+    return _final(cfg, epochs or space.study.final_epochs)
+
+
+def _final(cfg: RunConfig, epochs: int | None) -> RunConfig:
+    cfg.optim.epochs = epochs or cfg.optim.epochs
     cfg.eval_test = True
+    cfg.output_dir = None
+    if cfg.distill.method != "ackd":
+        cfg.distill.ackd = AckdConfig()
     return cfg
 
 
-def write_export(space: Space, study: optuna.Study, trial: FrozenTrial, out: Path, epochs: int | None) -> RunConfig:
-    cfg = export_config(space, trial, epochs)
-    out.parent.mkdir(parents=True, exist_ok=True)
+def write_export(space: Space, study: optuna.Study, trial: FrozenTrial, out: Path, epochs: int | None,
+                 force: bool = False) -> RunConfig:
+    """Write the trial's config to `out`, with comments on what acts and how budgets scale; an earlier export
+    is kept unless `force`."""
+    trained, source = trial_run_config(space, trial, study)
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a folder; give a file name such as {out / (space.study.name + '-best.yaml')}")
+    if out.exists() and not force:
+        raise UsageError(f"{out} already exists (an earlier export); use --force to overwrite it or --out for "
+                         "another file")
+    trial_epochs = trained.optim.epochs
+    cfg = _final(trained, epochs or space.study.final_epochs)
     values = ", ".join(f"{v:.4g}" for v in trial.values)
-    header = (f"# exported by ackd-search {__version__} on {time.strftime('%Y-%m-%d %H:%M')}\n"
-              f"# study {study.study_name!r}, trial #{trial.number} (values {values}; trial budget "
-              f"{space.run_config(trial.params).optim.epochs} epochs, this config {cfg.optim.epochs})\n"
+    header = (f"# exported by ackd-search {__version__} on {time.strftime('%Y-%m-%d %H:%M')} from {source}\n"
+              f"# study {study.study_name!r}, trial #{trial.number} (values {values}; trained {trial_epochs} epochs, "
+              f"this config {cfg.optim.epochs})\n"
               f"# train it with: python search.py train --config {out}")
-    save_run_config(cfg, out, header=header)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_run_config(cfg, out, header=header, notes=export_notes(cfg, trial, trial_epochs),
+                        omit=() if cfg.distill.method == "ackd" else ("distill.ackd",))
+    except OSError as err:
+        raise StudyError(f"cannot write {out}: {err.strerror or err}") from None
     return cfg
+
+
+# --- comments that make the exported file readable ------------------------------------------------------------
+
+
+def export_notes(cfg: RunConfig, trial: FrozenTrial, trial_epochs: int) -> dict[str, str]:
+    """Comments keyed by config path: what the budget means, how recipe epochs scale, which knobs act."""
+    notes = {
+        "optim.epochs": f"the final budget; the trial trained {trial_epochs} epochs",
+        "optim.milestones": _milestone_note(cfg.optim),
+        "teacher.optim.milestones": _milestone_note(cfg.teacher.optim),
+        "output_dir": "set by `train --output-dir` (default studies/final/<this file's name>)",
+    }
+    method = cfg.distill.method
+    if method == "ackd":
+        notes.update(_ackd_notes(cfg, trial))
+    else:
+        unused = "distill.ackd is omitted: its knobs act only with method ackd (loading gives their defaults)"
+        if method == "student":
+            unused += "; the student trains alone, so teacher, temperature and kd_weight do not act either"
+        notes["distill.method"] = unused
+    return notes
+
+
+def _milestone_note(optim: OptimConfig) -> str:
+    if optim.schedule != "step":
+        return f"not used: schedule is {optim.schedule}"
+    scaled = optim.scaled_milestones()
+    repeated = " (a repeated epoch decays once per entry)" if len(set(scaled)) < len(scaled) else ""
+    return (f"in recipe epochs (recipe_epochs {optim.recipe_epochs}), scaled by epochs/recipe_epochs = "
+            f"{optim.epochs}/{optim.recipe_epochs}: the learning rate is multiplied by {optim.lr_decay} after "
+            f"epochs {scaled} of this run{repeated}")
+
+
+def _ackd_notes(cfg: RunConfig, trial: FrozenTrial) -> dict[str, str]:
+    ackd, scale = cfg.distill.ackd, cfg.optim.budget_scale
+    prefix = LEARNER_PARAM.format("")
+    searched = {k: v for k, v in trial.params.items() if k.startswith(prefix)}
+    if ackd.aux_placements is None:
+        placements = "null: the reference structure, three learners branching before the student's last stage"
+    else:
+        counts = searched or {LEARNER_PARAM.format(k): n for k, n in sorted(Counter(ackd.aux_placements).items())}
+        placements = (
+            "one entry per auxiliary learner: the student stage after which it branches (a fresh copy of the later "
+            f"stages). The search parameters {LEARNER_PARAM.format('k')} (as in the dashboard) count the entries "
+            "equal to k; this trial: " + (", ".join(f"{k}={v}" for k, v in counts.items()) or "no learners")
+        )
+    return {
+        "distill.ackd.aux_placements": placements,
+        "distill.ackd.collab_rampup_epochs": f"recipe epochs, scaled like the milestones: "
+                                             f"{ackd.collab_rampup_epochs * scale:.4g} epochs of this run",
+        "distill.ackd.adv_warmup_epochs": f"recipe epochs, scaled like the milestones: "
+                                          f"{ackd.adv_warmup_epochs * scale:.4g} epochs of this run",
+    }
