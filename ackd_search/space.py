@@ -1,12 +1,27 @@
 """Search spaces: a YAML file -> validated `Space` -> `trial.suggest_*` -> a typed `RunConfig`.
 
 A leaf of `run:` is fixed when it is a scalar and searched when it is `{low, high[, log, step]}` or `{choices}`.
-Parameter names are config paths (`distill.temperature`), so the dashboard and the exported config agree."""
+Parameter names are config paths (`distill.temperature`), so the dashboard and the exported config agree.
+
+Learner structure: one integer per branch point, `distill.ackd.learners_after_stage_{k}`, ALWAYS in 0..max_per_stage
+(one fixed distribution per parameter, so TPE's model of it never changes with the first trial and every value stays
+reachable; importance tools see every count, see facts.md). A proposal over `max_total` is repaired
+deterministically: learners are removed from the earliest branch point first (its learners copy the most stages, so
+they cost the most). A legal proposal is its own structure, so every legal structure is reachable; the effective one
+is in the run config (`aux_placements`) and in the trial's user attribute `aux_placements`. (A single categorical
+over the legal structures was the alternative: it explodes for 5-stage students, e.g. 4^4 for VGG, and hides which
+branch point matters from the importances.)
+
+Knobs are sampled only where they act (ackd.py): collaboration knobs with >= 1 learner, the attention knobs under
+`aggregation: attention`, the adversary's knobs when it exists (`adv_weight > 0`; `adv_real` only with learners,
+since `ensemble` without them switches the adversary off), KD knobs unless the method is `student`. A knob not
+sampled takes its fixed or default value in the run config."""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import inspect
 import json
 import typing
@@ -19,6 +34,7 @@ import optuna
 
 from ackd_search.config import (
     ConfigError,
+    DistillConfig,
     RunConfig,
     _bounds,
     _convert,
@@ -32,10 +48,23 @@ from ackd_search.config import (
     to_dict,
 )
 from ackd_search.models import create_model, list_models
+from ackd_search.sampling import FairMethodSampler, MethodAwarePruner
 
 RANGE_KEYS = {"low", "high", "log", "step"}
 CHOICE_KEYS = {"choices"}
-LEARNER_PARAM = "distill.ackd.learners_after_stage_{}"  # a learner count per branch point, always present
+LEARNER_PARAM = "distill.ackd.learners_after_stage_{}"  # a learner count per branch point, always 0..max_per_stage
+ACKD = "distill.ackd."
+# Which knob acts when (see ackd_search/distill/ackd.py); a knob that does not act is not sampled.
+COLLAB_KNOBS = {ACKD + k for k in ("aggregation", "attn_reduction", "attn_self", "detach_target", "student_target",
+                                   "collab_weight", "collab_rampup_epochs", "aux_width", "aux_weight")}
+ATTENTION_KNOBS = {ACKD + "attn_reduction", ACKD + "attn_self"}  # only under aggregation: attention
+ADVERSARY_KNOBS = {ACKD + k for k in ("adv_real", "adv_input", "d_lr", "adv_warmup_epochs")}  # only with a D
+TEACHER_KNOBS = {"distill.temperature", "distill.ce_weight", "distill.kd_weight"}  # unused by `student`
+GATES = ("distill.method", ACKD + "aggregation", ACKD + "adv_weight", ACKD + "adv_real")  # sampled first
+FORBIDDEN_IN_SPACE = {
+    "eval_test": "trials never read the test set; `export` sets it for the final run",
+    "output_dir": "each trial writes to study.runs_dir/trial-N",
+}
 
 SAMPLERS: dict[str, Any] = {
     "tpe": optuna.samplers.TPESampler,
@@ -80,6 +109,16 @@ class RayOptions:
 
 
 @dataclass
+class ConfirmSettings:
+    """The confirmation stage (`study.confirm`): the top-k distinct configurations and the presets, retrained."""
+
+    top_k: int = field(default=3, metadata=_bounds(ge=0))
+    seeds: int = field(default=3, metadata=_bounds(ge=1, le=20))
+    epochs: int | None = field(default=None, metadata=_bounds(ge=1))  # None: the trial budget
+    presets: list[Literal["student", "kd", "reference"]] = field(default_factory=lambda: ["student", "kd", "reference"])
+
+
+@dataclass
 class StudySettings:
     name: str = ""
     storage: str | None = None  # any SQLAlchemy URL; default sqlite:///studies/<name>.db
@@ -92,10 +131,13 @@ class StudySettings:
     final_epochs: int | None = None  # the full budget written by `export` (default: the trial budget)
     heartbeat_interval_s: int = 60
     grace_period_s: int = 180
-    max_retry: int = 2
+    max_retry: int = field(default=2, metadata=_bounds(ge=0))
     artifacts_dir: str | None = None  # default studies/<name>-artifacts
     runs_dir: str | None = None  # default studies/<name>-runs (per-trial checkpoints)
     ray: RayOptions = field(default_factory=RayOptions)
+    confirm: ConfirmSettings = field(default_factory=ConfirmSettings)
+    # Least share of the trials each method keeps when distill.method is searched; None: 1 / (2 * methods), 0: off
+    method_floor: float | None = field(default=None, metadata=_bounds(ge=0, lt=1))
 
 
 @dataclass
@@ -148,63 +190,115 @@ class Space:
     def multi_objective(self) -> bool:
         return self.study.second_objective is not None
 
+    def methods(self) -> list[str]:
+        """The distillation methods the space's trials use: the searched choices, or the fixed one."""
+        param = next((p for p in self.params if p.path == "distill.method"), None)
+        return list(param.choices) if param else [self._value("distill.method", {})]
+
     def learner_stages(self) -> list[int]:
         return self.learners.stages or list(range(1, self.num_stages))
 
     def fingerprint(self) -> str:
         """Identifies what the search explores (not how long it runs), to refuse mixing spaces in one study."""
-        how_long_and_where = ("n_trials", "timeout_s", "storage", "ray", "heartbeat_interval_s", "grace_period_s")
+        how_long_and_where = ("n_trials", "timeout_s", "storage", "ray", "heartbeat_interval_s", "grace_period_s",
+                              "confirm")
         keep = {k: v for k, v in (self.raw.get("study") or {}).items() if k not in how_long_and_where}
         text = json.dumps({**self.raw, "study": keep}, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     # --- trial -> run config ----------------------------------------------------------------------------
     def suggest(self, trial: optuna.Trial) -> dict[str, Any]:
-        """Sample every parameter; ACKD knobs are asked only when the trial's method is ACKD."""
+        """Sample the parameters that act for this trial (see the module docstring); the gates come first."""
         values: dict[str, Any] = {}
-        method_param = next((p for p in self.params if p.path == "distill.method"), None)
-        if method_param is not None:
-            values[method_param.path] = method_param.suggest(trial)
-        method = values.get("distill.method", self.base.get("distill", {}).get("method", "ackd"))
-        for param in self.params:
-            if param is method_param or (param.path.startswith("distill.ackd.") and method != "ackd"):
-                continue
-            values[param.path] = param.suggest(trial)
-        if self.learners is not None and method == "ackd":
-            used = 0
+        by_path = {p.path: p for p in self.params}
+        if "distill.method" in by_path:
+            values["distill.method"] = by_path["distill.method"].suggest(trial)
+        placements = self._fixed_placements()
+        if self.learners is not None and self._value("distill.method", values) == "ackd":
+            counts = {}
             for stage in self.learner_stages():
-                high = min(self.learners.max_per_stage, self.learners.max_total - used)
-                used += trial.suggest_int(LEARNER_PARAM.format(stage), 0, high)
-                values[LEARNER_PARAM.format(stage)] = trial.params[LEARNER_PARAM.format(stage)]
+                path = LEARNER_PARAM.format(stage)
+                counts[stage] = values[path] = trial.suggest_int(path, 0, self.learners.max_per_stage)
+            placements = self.capped_placements(counts)
+            trial.set_user_attr("aux_placements", placements)
+        ordered = [by_path[g] for g in GATES[1:] if g in by_path] + [p for p in self.params if p.path not in GATES]
+        for param in ordered:
+            if self.acts(param.path, values, len(placements)):
+                values[param.path] = param.suggest(trial)
         return values
+
+    def acts(self, path: str, values: dict[str, Any], n_learners: int) -> bool:
+        """Whether the knob `path` changes training, given the values sampled so far and the number of learners."""
+        method = self._value("distill.method", values)
+        if path.startswith(ACKD) and method != "ackd":
+            return False
+        if path in TEACHER_KNOBS and method == "student":
+            return False
+        if path in COLLAB_KNOBS and n_learners == 0:
+            return False
+        if path in ATTENTION_KNOBS and self._value(ACKD + "aggregation", values) != "attention":
+            return False
+        no_adversary_possible = n_learners == 0 and self._value(ACKD + "adv_real", values) == "ensemble"
+        if path == ACKD + "adv_weight":
+            return not no_adversary_possible
+        if path == ACKD + "adv_real" and n_learners == 0:
+            return False  # `ensemble` without learners is the same as no adversary (adv_weight 0)
+        if path in ADVERSARY_KNOBS:
+            return self._value(ACKD + "adv_weight", values) > 0 and not no_adversary_possible
+        return True
+
+    def _value(self, path: str, values: dict[str, Any]) -> Any:
+        """A knob's value for this trial: sampled, else fixed in the space, else the config default."""
+        if path in values:
+            return values[path]
+        try:
+            return _get(self.base, path)
+        except (KeyError, TypeError):
+            return _get(_DEFAULTS, path)
+
+    def _fixed_placements(self) -> list[int]:
+        fixed = self.base.get("distill", {}).get("ackd", {}).get("aux_placements")
+        return list(fixed) if fixed is not None else [max(self.num_stages - 1, 1)] * 3
+
+    def capped_placements(self, counts: dict[int, int]) -> list[int]:
+        """The effective learner structure of per-branch-point counts: over `max_total`, learners are removed from
+        the earliest branch point first; a legal structure is returned unchanged."""
+        counts = {stage: int(n) for stage, n in counts.items()}
+        excess = sum(counts.values()) - self.learners.max_total
+        for stage in sorted(counts):
+            removed = min(max(excess, 0), counts[stage])
+            counts[stage] -= removed
+            excess -= removed
+        return [stage for stage in counts for _ in range(counts[stage])]
 
     def default_values(self) -> dict[str, Any]:
         """A legal value for every searched parameter (first choice, low end): a representative run config."""
         return {p.path: p.choices[0] if p.kind == "categorical" else p.low for p in self.params}
 
     def run_config(self, values: dict[str, Any], output_dir: str | None = None) -> RunConfig:
-        """The run config for sampled (or exported) `values`; learner counts become `aux_placements`."""
+        """The run config for sampled (or exported) `values`; learner counts become the effective `aux_placements`
+        (see `capped_placements`); a knob missing from `values` keeps its fixed or default value."""
         data = json.loads(json.dumps(self.base))  # deep copy of plain data
-        placements: list[int] = []
+        counts: dict[int, int] = {}
         for path, value in values.items():
             stage = _learner_stage(path)
             if stage is None:
                 set_path(data, path, value)
             else:
-                placements += [stage] * int(value)
-        if self.learners is not None and any(_learner_stage(p) is not None for p in values):
-            set_path(data, "distill.ackd.aux_placements", placements)
+                counts[stage] = int(value)
+        if self.learners is not None and counts:
+            set_path(data, "distill.ackd.aux_placements", self.capped_placements(counts))
         data["output_dir"] = output_dir
         return from_dict(RunConfig, data, source=self.source)
 
-    def preset_values(self, preset: Literal["reference", "kd"]) -> tuple[dict[str, Any], list[str]]:
+    def preset_values(self, preset: Literal["reference", "kd", "student"]) -> tuple[dict[str, Any], list[str]]:
         """Param values of a hand-set point, and the paths it cannot represent in this space (left to the sampler)."""
         cfg = from_dict(RunConfig, self.base, source=self.source)
-        cfg.distill = reference_distill() if preset == "reference" else kd_distill()
+        cfg.distill = {"reference": reference_distill, "kd": kd_distill, "student": _student_distill}[preset]()
         flat = to_dict(cfg)
         values, outside = {}, []
         for param in self.params:
-            if param.path.startswith("distill.ackd.") and preset == "kd":
+            if param.path.startswith(ACKD) and preset != "reference":
                 continue
             value = _get(flat, param.path)
             if param.contains(value):
@@ -221,6 +315,13 @@ class Space:
             else:
                 outside.append(f"distill.ackd.aux_placements {reference}")
         return values, outside
+
+
+def _student_distill() -> DistillConfig:
+    return DistillConfig(method="student")
+
+
+_DEFAULTS = to_dict(RunConfig())
 
 
 def _learner_stage(path: str) -> int | None:
@@ -261,6 +362,7 @@ def load_space(path: str | Path) -> Space:
     num_stages = _num_stages(base, params)
     if learners is not None:
         _check_learners(learners, num_stages, base, source, problems)
+    _check_second_objective(study, base, params, source, problems)
     if problems:
         raise ConfigError(problems)
     return Space(source, study, base, params, learners, num_stages, raw)
@@ -279,6 +381,10 @@ def _check_study(study: StudySettings, source: str, problems: list[str]) -> None
             problems.append(
                 f"{source}: study.{key}.{option}: unknown option for {spec['name']}; allowed: {', '.join(allowed)}"
             )
+        if key == "sampler" and spec["name"] == "cmaes" and importlib.util.find_spec("cmaes") is None:
+            problems.append(f"{source}: study.sampler.name: cmaes needs the `cmaes` package, which is not installed "
+                            f"(pip install cmaes); allowed: {', '.join(n for n in table if n != 'cmaes')}")
+            continue
         if not unknown:
             options = {k: v for k, v in spec.items() if k != "name"}
             try:  # values Optuna itself rejects (wrong types, out of range) are reported with the rest
@@ -307,6 +413,10 @@ def _walk_run(node: Any, path: str, base: dict, params: list[Param], source: str
         return
     for key, value in node.items():
         dotted = f"{path}.{key}" if path else str(key)
+        if dotted in FORBIDDEN_IN_SPACE:
+            problems.append(f"{source}: run.{dotted}: a space cannot set it ({FORBIDDEN_IN_SPACE[dotted]}); "
+                            "allowed: leave it out")
+            continue
         try:
             tp, meta = field_info(RunConfig, dotted)
         except KeyError:
@@ -411,21 +521,52 @@ def _check_learners(learners: LearnerSpace, num_stages: int, base: dict, source:
     for i, stage in enumerate(learners.stages or []):
         if num_stages and isinstance(stage, int) and not 1 <= stage < num_stages:
             problems.append(f"{source}: learners.stages[{i}]: {stage} is out of range; allowed: 1..{num_stages - 1}")
+        if stage in (learners.stages or [])[:i]:
+            problems.append(f"{source}: learners.stages[{i}]: {stage} is listed twice; allowed: each branch point once")
+    branch_points = len(set(learners.stages)) if learners.stages else max(num_stages - 1, 0)
+    reachable = learners.max_per_stage * branch_points
+    counts_ok = all(isinstance(v, int) for v in (learners.max_per_stage, learners.max_total))
+    if num_stages and counts_ok and learners.max_total > reachable:
+        problems.append(
+            f"{source}: learners.max_total: {learners.max_total} is unreachable ({learners.max_per_stage} per branch "
+            f"point x {branch_points} branch points = {reachable}); allowed: 0..{reachable}"
+        )
+
+
+def _check_second_objective(study: StudySettings, base: dict, params: list[Param], source: str,
+                            problems: list[str]) -> None:
+    if not study.second_objective:
+        return
+    students = {s for s in _students(base, params) if isinstance(s, str)}
+    if len(students) < 2:
+        problems.append(
+            f"{source}: study.second_objective: {study.second_objective} needs a searched student: with run.student "
+            f"fixed ({', '.join(sorted(students)) or '?'}) every trial has the same cost and the Pareto front would be "
+            "one point; allowed: search `student` (e.g. {choices: [digits_cnn_small, resnet8]}) or drop "
+            "second_objective"
+        )
 
 
 # --- samplers and pruners ---------------------------------------------------------------------------------------
 
 
 def make_sampler(space: Space, seed: int) -> optuna.samplers.BaseSampler:
+    """The configured sampler; wrapped in `FairMethodSampler` when the space searches several methods."""
     spec = dict(space.study.sampler)
     name = spec.pop("name")
     options = {**SAMPLER_DEFAULTS.get(name, {}), **spec}
     if "seed" in inspect.signature(SAMPLERS[name]).parameters:
         options["seed"] = seed
-    return SAMPLERS[name](**options)
+    sampler = SAMPLERS[name](**options)
+    methods = space.methods()
+    if len(methods) > 1 and space.study.method_floor != 0:
+        return FairMethodSampler(sampler, methods, space.study.method_floor)
+    return sampler
 
 
 def make_pruner(space: Space) -> optuna.pruners.BasePruner:
+    """The configured pruner, comparing a trial only with trials of its own method (never confirmation runs)."""
     spec = dict(space.study.pruner)
     name = spec.pop("name")
-    return PRUNERS[name](**{**PRUNER_DEFAULTS.get(name, {}), **spec})
+    inner = PRUNERS[name](**{**PRUNER_DEFAULTS.get(name, {}), **spec})
+    return MethodAwarePruner(inner, default_method=space.methods()[0])
