@@ -201,10 +201,12 @@ def run_confirmation(space: Space, study: optuna.Study, stream=None, tag: str = 
     from ackd_search.confirm import enqueue_confirmation, waiting_confirmations
 
     enqueue_confirmation(space, study, _logger(stream, tag))
-    while (waiting := waiting_confirmations(study)) > 0:
-        before = waiting
-        _optimize(space, study, stream, tag, n_trials=waiting)
-        if waiting_confirmations(study) >= before:
+    while waiting_confirmations(study) > 0:
+        # Optuna runs waiting trials in order: a search trial queued earlier (a preset the search had no budget
+        # for, a re-queued one) runs before the confirmation runs, which then still all run.
+        before = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+        _optimize(space, study, stream, tag, n_trials=before)
+        if len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,))) >= before:
             break  # nothing was taken (another process holds them): leave them to it
 
 

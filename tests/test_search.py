@@ -1,5 +1,6 @@
 """The search end to end on tiny digits runs: presets first, pruning, stored attributes and artifacts, resume,
-multi-objective, export -> train reproducing the trial, bad storage, and the real optuna-dashboard."""
+multi-objective, export -> train reproducing the trial, bad storage, and the real optuna-dashboard. The
+confirmation stage has its own tests (test_confirm.py); here searches run without it unless a test needs it."""
 
 from __future__ import annotations
 
@@ -44,8 +45,16 @@ def searched(tmp_path_factory, teacher_cache):
     tmp = tmp_path_factory.mktemp("search")
     path = write(tmp / "space.yaml", tiny_space(tmp, teacher_cache=teacher_cache, n_trials=7))
     space = load_space(path)
-    study = run_search(space)
+    study = run_search(space, confirm=False)
     return space, study, tmp
+
+
+def artifact_json(space, trial, filename: str):
+    store = optuna.artifacts.FileSystemArtifactStore(space.study.artifacts_dir)
+    metas = optuna.artifacts.get_all_artifact_meta(trial, storage=optuna.storages.get_storage(space.storage_url))
+    meta = next(m for m in metas if m.filename == filename)
+    with store.open_reader(meta.artifact_id) as f:
+        return json.load(f)
 
 
 def test_every_trial_finishes_honestly(searched) -> None:
@@ -57,19 +66,19 @@ def test_every_trial_finishes_honestly(searched) -> None:
 
 
 def test_presets_run_first(searched) -> None:
-    _, study, _ = searched
+    space, study, _ = searched
     first, second = study.trials[:2]
     assert first.user_attrs["preset"] == "reference" and first.params["distill.method"] == "ackd"
     assert first.params["distill.ackd.learners_after_stage_2"] == 3  # three learners before the last stage
     assert first.params["distill.ackd.learners_after_stage_1"] == 0
     assert second.user_attrs["preset"] == "kd" and second.params["distill.method"] == "kd"
-    assert first.user_attrs["config"]["distill"]["ackd"]["aux_placements"] == [2, 2, 2]
-    assert second.user_attrs["config"]["distill"]["ce_weight"] == 0.1
+    assert artifact_json(space, first, "config.json")["distill"]["ackd"]["aux_placements"] == [2, 2, 2]
+    assert artifact_json(space, second, "config.json")["distill"]["ce_weight"] == 0.1
     assert "preset" not in study.trials[2].user_attrs
 
 
 def test_trials_store_what_users_compare(searched) -> None:
-    _, study, _ = searched
+    space, study, _ = searched
     done = [t for t in study.trials if t.state == TrialState.COMPLETE]
     student = create_model("digits_cnn_small", 10, in_channels=1)
     for t in done:
@@ -80,10 +89,13 @@ def test_trials_store_what_users_compare(searched) -> None:
         assert a["device"].startswith("cpu") and a["version"] and a["seed"] == 0
         assert sorted(t.intermediate_values) == [1, 2, 3, 4]
         assert t.value == t.intermediate_values[4]
-        history = a["history"]
+        assert "history" not in a and "config" not in a  # large JSON lives in artifacts (MySQL: 64 KB a column)
+        history = artifact_json(space, t, "curve.json")
         assert [h["epoch"] for h in history] == [1, 2, 3, 4]
         assert {"ce", "kd", "loss"} <= set(history[0]["terms"])
-        if t.params["distill.method"] == "ackd" and a["config"]["distill"]["ackd"]["aux_placements"]:
+        config = artifact_json(space, t, "config.json")
+        assert a["method"] == config["distill"]["method"]
+        if config["distill"]["method"] == "ackd" and config["distill"]["ackd"]["aux_placements"]:
             assert any(k.startswith("aux1/") for k in history[0]["terms"])
             assert "adv_d" in history[0]["terms"] and "collab" in history[-1]["terms"]
 
@@ -115,7 +127,7 @@ def test_finished_trials_leave_no_checkpoint(searched) -> None:
 def test_summary_lists_best_trials_and_importances(searched) -> None:
     _, study, _ = searched
     text = summary(study)
-    assert f"best trial #{study.best_trial.number}" in text
+    assert f"best search trial #{study.best_trial.number}" in text
     assert "top " in text and "val_acc" in text
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
     if len(complete) >= 5:
@@ -131,20 +143,24 @@ def test_a_pruner_prunes_a_deliberately_weak_trial(tmp_path: Path, teacher_cache
     good = {"optim.lr": 0.05, "distill.temperature": 4.0}
     for params in (good, good, {"optim.lr": 0.0001, "distill.temperature": 4.0}):
         study.enqueue_trial(params)
-    study = run_search(space, n_trials=3)
+    study = run_search(space, n_trials=3, confirm=False)
     states = [t.state for t in study.trials]
     assert states == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.PRUNED]
+    assert study.trials[1].user_attrs["duplicate_of"] == 0  # the same parameters are not trained twice
     weak = study.trials[2]
     stopped = max(weak.intermediate_values)
     assert stopped < 4  # stopped before the end of its budget
-    assert [h["epoch"] for h in weak.user_attrs["history"]] == list(range(1, stopped + 1))
+    assert [h["epoch"] for h in artifact_json(space, weak, "curve.json")] == list(range(1, stopped + 1))
+    assert weak.user_attrs["prune_reason"].startswith(f"pruned at epoch {stopped}")
+    assert weak.user_attrs["student_params"] > 0 and weak.user_attrs["wall_time_s"] > 0
+    assert not (Path(space.study.runs_dir) / f"trial-{weak.number:05d}" / "checkpoint.pt").exists()
 
 
 def test_running_again_resumes_the_same_study(tmp_path: Path, teacher_cache: Path) -> None:
     path = write(tmp_path / "s.yaml", tiny_space(tmp_path, teacher_cache=teacher_cache, n_trials=3))
-    first = run_search(load_space(path))
+    first = run_search(load_space(path), confirm=False)
     ids = [t._trial_id for t in first.trials]
-    second = run_search(load_space(path), n_trials=2)
+    second = run_search(load_space(path), n_trials=2, confirm=False)
     assert len(second.trials) == 5 and [t._trial_id for t in second.trials[:3]] == ids
     assert sum(t.user_attrs.get("preset") == "reference" for t in second.trials) == 1  # presets only once
     assert all(t.state in FINISHED for t in second.trials)
@@ -152,7 +168,7 @@ def test_running_again_resumes_the_same_study(tmp_path: Path, teacher_cache: Pat
 
 def test_a_different_space_under_the_same_name_is_refused_untouched(tmp_path: Path, teacher_cache: Path) -> None:
     data = tiny_space(tmp_path, teacher_cache=teacher_cache, n_trials=1)
-    run_search(load_space(write(tmp_path / "a.yaml", data)))
+    run_search(load_space(write(tmp_path / "a.yaml", data)), confirm=False)
     db = tmp_path / "tiny.db"
     before = sha(db)
     data["run"]["optim"]["lr"]["high"] = 0.5
@@ -167,7 +183,7 @@ def test_multi_objective_gives_a_pareto_front(tmp_path: Path, teacher_cache: Pat
     data["run"]["student"] = {"choices": ["digits_cnn_small", "digits_cnn_large"]}
     data["run"]["distill"]["method"] = "kd"
     path = write(tmp_path / "s.yaml", data)
-    study = run_search(load_space(path))
+    study = run_search(load_space(path), confirm=False)
     assert len(study.directions) == 2
     assert study.metric_names == ["val_acc", "student_params"]
     assert all(t.state == TrialState.COMPLETE for t in study.trials)
@@ -193,7 +209,7 @@ def test_export_then_train_reproduces_the_trial(tmp_path: Path) -> None:
     # and the student must still start from the same weights.
     data = tiny_space(tmp_path, n_trials=2)
     path = write(tmp_path / "s.yaml", data)
-    study = run_search(load_space(path))
+    study = run_search(load_space(path), confirm=False)
     best = study.best_trial
     out = tmp_path / "best.yaml"
     cli = _cli("export", "--space", str(path), "--out", str(out))
