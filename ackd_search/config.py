@@ -142,6 +142,9 @@ class RunConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 autocast on CUDA, fp32 elsewhere
     channels_last: bool = True  # applied on CUDA only
     compile: bool = False
+    # Capture the training step as one CUDA graph and replay it (auto: on for CUDA, off elsewhere). A capture that
+    # fails says why in one line and the run continues eagerly; `on` without CUDA says so and runs eagerly.
+    cuda_graphs: Literal["auto", "on", "off"] = "auto"
     # torch threads on a CPU device (None: torch's default, one per core). On a quiet 2-core machine one thread ran
     # a digits trial as fast as two (ACKD 5.9 s vs 6.2 s, KD 2.2 s vs 2.5 s, means of 3); with other work on the
     # second core, two threads slowed down several-fold. Set 1 for tiny nets and for several workers per machine.

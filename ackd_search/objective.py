@@ -18,8 +18,9 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from ackd_search.config import RunConfig, to_dict
+from ackd_search.runner import run_training
 from ackd_search.space import Space
-from ackd_search.trainer import CHECKPOINT, NonFiniteLossError, RunResult, train
+from ackd_search.trainer import CHECKPOINT, NonFiniteLossError, RunResult
 
 OBJECTIVE = "val_acc"  # the student's validation accuracy (%) after the trial's last epoch; maximised
 CONFIRMS = "confirms"  # user attribute of a confirmation run: what it confirms (a preset or a trial's config)
@@ -158,7 +159,7 @@ def trial_objective(space: Space, paths: StudyPaths, progress: Any = None, sampl
         reporter = OptunaReporter(trial, can_prune=not (space.multi_objective or confirming),
                                   can_report=not space.multi_objective, progress=progress)
         try:
-            result = train(cfg, reporter)
+            result = run_training(cfg, reporter, identity=trial_identity(trial, root))
         except NonFiniteLossError as err:
             trial.set_user_attr("fail_reason", one_line(err))
             stopped_early(trial, cfg, reporter.history, run_dir, paths, started)

@@ -42,10 +42,11 @@ from ackd_search.objective import (
     write_traceback,
 )
 from ackd_search.progress import Progress
+from ackd_search.runner import run_training
 from ackd_search.space import PRUNER_DEFAULTS, RayOptions, Space, make_pruner
 from ackd_search.storage import StudyError, check_storage, make_storage, safe_url
 from ackd_search.study import FINISHED, open_study, preflight, requeue_interrupted, run_confirmation
-from ackd_search.trainer import CHECKPOINT, NonFiniteLossError, train
+from ackd_search.trainer import CHECKPOINT, NonFiniteLossError
 
 OUTCOME = "ackd_outcome"  # key of a trial's last report: how it ended, as JSON (Tune flattens nested dicts)
 Scheduler = Literal["asha", "pruner", "fifo"]
@@ -103,7 +104,7 @@ def train_trial(config: dict[str, Any]) -> None:
     run_dir = Path(cfg.output_dir)
     reporter = TuneReporter(cfg.optim.epochs)
     try:
-        result = train(cfg, reporter)
+        result = run_training(cfg, reporter)
     except Exception as err:
         if not isinstance(err, NonFiniteLossError):
             write_traceback(run_dir)

@@ -76,7 +76,7 @@ def read_manifest(entry: Path) -> dict[str, Any] | None:
     return manifest
 
 
-def _train_teacher(cfg: RunConfig, entry: Path) -> dict[str, Any]:
+def _train_teacher(cfg: RunConfig, splits: DataSplits, entry: Path) -> dict[str, Any]:
     run_dir = entry / "run"
     teacher_cfg = replace(
         cfg,
@@ -88,7 +88,7 @@ def _train_teacher(cfg: RunConfig, entry: Path) -> dict[str, Any]:
         eval_test=False,
         output_dir=str(run_dir),
     )
-    result = train(teacher_cfg)
+    result = train(teacher_cfg, splits=splits, teacher=None, teacher_info=None)
     save_atomic(result.student_state, entry / WEIGHTS)
     manifest = {
         "arch": cfg.teacher.arch,
@@ -144,7 +144,7 @@ def get_teacher(cfg: RunConfig, splits: DataSplits, device: torch.device) -> tup
     manifest = read_manifest(entry)
     if manifest is None:
         with _locked(entry.with_suffix(".lock")):
-            manifest = read_manifest(entry) or _train_teacher(cfg, entry)
+            manifest = read_manifest(entry) or _train_teacher(cfg, splits, entry)
     state = load_checkpoint(entry / WEIGHTS)
     model = _build(cfg, splits, state, str(entry / WEIGHTS)).to(device).eval()
     return model, {**manifest, "cache_entry": str(entry)}

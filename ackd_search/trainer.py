@@ -1,7 +1,9 @@
-"""One training run: data on the device, the distiller, SGD and its schedule, evaluation, checkpoints.
+"""One training run: data on the device, the distiller, SGD and its schedule, evaluation, checkpoints; on CUDA the
+training step is captured as a CUDA graph and replayed.
 
-`train(cfg, reporter)` is the single path used by Optuna trials, Ray Tune trials and the final training.
-Nothing here knows about Optuna or Ray: the search prunes by raising from `reporter`."""
+`train(cfg, reporter, splits=..., teacher=..., teacher_info=...)` trains what it is handed: the caller builds the data
+splits and the teacher (`ackd_search.runner.run_training` does, for trials and the final training). Nothing here
+knows about Optuna or Ray: the search prunes by raising from `reporter`."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import math
 import os
 import random
 import re
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,7 +28,7 @@ import torch.nn.functional as F
 from ackd_search import __version__
 from ackd_search.config import DataConfig, RunConfig, save_run_config, to_dict, with_absolute_paths
 from ackd_search.data import DataSplits, DeviceLoader, load_splits
-from ackd_search.distill import Distiller, build_distiller
+from ackd_search.distill import build_distiller
 from ackd_search.models import StagedNet, count_flops, count_parameters, create_model
 
 Reporter = Callable[[int, dict[str, Any]], None]
@@ -38,7 +41,7 @@ class NonFiniteLossError(RuntimeError):
 
 
 class CheckpointError(ValueError):
-    pass
+    """A checkpoint that cannot be resumed (unreadable, another run config, study or code version): one line."""
 
 
 @dataclass
@@ -55,6 +58,7 @@ class RunResult:
     wall_time_s: float
     images_per_s: float
     version: str = __version__
+    cuda_graphs: str = "off"  # "captured", "off", or "eager: <why capture was not used>"
     student_state: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def summary(self) -> dict[str, Any]:
@@ -95,11 +99,14 @@ def get_splits(cfg: DataConfig) -> DataSplits:
     return _cached_splits(cfg.name, cfg.data_root, cfg.val_fraction, cfg.split_seed, cfg.download, cfg.limit)
 
 
-def autocast_for(cfg: RunConfig, device: torch.device):
+def autocast_for(cfg: RunConfig, device: torch.device, cache_enabled: bool = True):
+    """The autocast context (a factory) `cfg` asks for on `device`; a captured step needs `cache_enabled=False`
+    (autocast's cast cache would hold tensors of the capture's memory pool past the step)."""
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     if not use_bf16:
         return contextlib.nullcontext
-    return functools.partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16)
+    return functools.partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16,
+                             cache_enabled=cache_enabled)
 
 
 @torch.no_grad()
@@ -159,20 +166,198 @@ def _load_failure(err: BaseException) -> str:
     return f"refused by weights_only=True loading: {reason}"[:200]
 
 
+class _EpochSums:
+    """Running sums of the loss and its named terms over an epoch, and the non-finite flag, as device tensors added
+    to in place: a captured step adds into the same memory on every replay, and nothing syncs with the host."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.loss = torch.zeros((), device=device)
+        self.bad = torch.zeros((), device=device, dtype=torch.bool)
+        self.terms: dict[str, torch.Tensor] = {}
+        self.seen: set[str] = set()  # names the epoch's steps produced (a captured step's are added per replay)
+
+    def reset(self) -> None:
+        self.loss.zero_()
+        self.bad.zero_()
+        for total in self.terms.values():
+            total.zero_()
+        self.seen = set()
+
+    def add(self, loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
+        loss = loss.detach()
+        self.loss += loss
+        self.bad |= ~torch.isfinite(loss)
+        for name, value in terms.items():
+            total = self.terms.get(name)
+            if total is None:
+                total = self.terms[name] = torch.zeros((), device=self.device)
+            total += value.float()
+            self.seen.add(name)
+
+    def means(self, batches: int) -> dict[str, float]:
+        out = {name: self.terms[name].item() / batches for name in self.terms if name in self.seen}
+        out["loss"] = self.loss.item() / batches
+        return out
+
+
+class _GraphSafeOptimizer:
+    """While active, the main SGD reads its learning rate from a device tensor (fused kernel, tensor lr), so a
+    captured step replays with the lr of the current epoch. Outside, the optimizer is exactly the eager one (float
+    lr, the default implementation): the scheduler, checkpoints and the eager steps never see the tensor."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device):
+        self.optimizer = optimizer
+        self.lrs = [torch.zeros((), device=device) for _ in optimizer.param_groups]  # fp32: the fused kernel's type
+        self._saved: list[tuple[Any, Any, Any]] = []
+
+    def load_lr(self) -> None:
+        """Copy the scheduler's current lr into the device tensors (in place; once per epoch, outside the graph)."""
+        for lr, group in zip(self.lrs, self.optimizer.param_groups):
+            lr.fill_(float(group["lr"]))
+
+    def __enter__(self) -> _GraphSafeOptimizer:
+        self._saved = [(g["lr"], g["foreach"], g["fused"]) for g in self.optimizer.param_groups]
+        for lr, group in zip(self.lrs, self.optimizer.param_groups):
+            group["lr"], group["foreach"], group["fused"] = lr, False, True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for group, (lr, foreach, fused) in zip(self.optimizer.param_groups, self._saved):
+            group["lr"], group["foreach"], group["fused"] = lr, foreach, fused
+
+
+def _set_capturable(optimizer: torch.optim.Optimizer | None, device: torch.device) -> None:
+    """Let an Adam-style optimizer (the adversary's) step inside a CUDA graph: its step counts move to the device."""
+    if optimizer is None:
+        return
+    for group in optimizer.param_groups:
+        group["capturable"] = True
+    for state in optimizer.state.values():
+        if "step" in state:
+            state["step"] = state["step"].to(device=device, dtype=torch.float32)
+    optimizer._warned_capturable_if_run_uncaptured = True  # the warm-up and partial batches run it uncaptured
+
+
+def _portable_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """An optimizer's state dict as an eager run writes it (capturable off), whichever way this run stepped."""
+    state = optimizer.state_dict()
+    for group in state["param_groups"]:
+        if "capturable" in group:
+            group["capturable"] = False
+    return state
+
+
+def one_line(err: BaseException) -> str:
+    text = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+    return f"{type(err).__name__}: {text}"[:200] if text else type(err).__name__
+
+
+class _CapturedStep:
+    """The training step as a CUDA graph: for each step shape (`Distiller.step_key`), WARMUP_STEPS real steps run
+    eagerly on a side stream, the next full batch is captured, and every full batch after it is a copy into the
+    static batch buffers plus one replay. The epoch's partial last batch runs eagerly (the same step, uncaptured).
+
+    `capture=False` runs the same graph-safe step (static buffers, tensor lr, fused SGD, on-device sums) eagerly:
+    what the tests check on a CPU against the plain step."""
+
+    WARMUP_STEPS = 3
+
+    def __init__(self, run: _Run, capture: bool = True):
+        self.run, self.capture = run, capture
+        self.optimizer = _GraphSafeOptimizer(run.optimizer, run.device)
+        self.autocast = autocast_for(run.cfg, run.device, cache_enabled=False)
+        self.batch_size = run.cfg.optim.batch_size
+        self.key: object = object()  # no step shape yet
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.static_x = self.static_y = None
+        self.warm = 0
+        self.names: set[str] = set()
+        self.failed: str | None = None
+        if capture:
+            _set_capturable(run.distiller.adversary_optimizer, run.device)
+
+    def begin_epoch(self, epoch: int) -> None:
+        self.optimizer.load_lr()
+        key = self.run.distiller.step_key(epoch)
+        if key != self.key:  # a new step shape (e.g. the adversary switched on): warm up and capture again
+            self.key, self.graph, self.static_x, self.static_y, self.warm = key, None, None, None, 0
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, epoch: int) -> None:
+        if self.failed is not None or x.shape[0] != self.batch_size:
+            self.run.step(x, y, epoch)
+            return
+        if not self.capture:
+            self._load(x, y)
+            with self.optimizer:
+                self.run.step(self.static_x, self.static_y, epoch, self.autocast)
+            return
+        if self.graph is None:
+            if self.warm < self.WARMUP_STEPS:
+                self._warmup(x, y, epoch)
+                return
+            if not self._capture(x, y, epoch):
+                self.run.step(x, y, epoch)
+                return
+        self._load(x, y)
+        self.graph.replay()
+        self.run.sums.seen |= self.names
+
+    def _load(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        if self.static_x is None:
+            self.static_x, self.static_y = torch.empty_like(x), torch.empty_like(y)
+        self.static_x.copy_(x)
+        self.static_y.copy_(y)
+
+    def _warmup(self, x: torch.Tensor, y: torch.Tensor, epoch: int) -> None:
+        """A real training step, eager, on a side stream (as CUDA graph capture wants its warm-up)."""
+        main = torch.cuda.current_stream(self.run.device)
+        side = torch.cuda.Stream(self.run.device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side), self.optimizer:
+            self.run.step(x, y, epoch, self.autocast)
+        main.wait_stream(side)
+        self.warm += 1
+
+    def _capture(self, x: torch.Tensor, y: torch.Tensor, epoch: int) -> bool:
+        self._load(x, y)
+        seen_before, self.run.sums.seen = self.run.sums.seen, set()
+        graph = torch.cuda.CUDAGraph()
+        try:
+            torch.cuda.synchronize(self.run.device)
+            with self.optimizer, torch.cuda.graph(graph):
+                self.run.step(self.static_x, self.static_y, epoch, self.autocast)
+        except Exception as err:  # the trial goes on eagerly; the reason is said once
+            self.run.optimizer.zero_grad(set_to_none=True)
+            if self.run.distiller.adversary_optimizer is not None:
+                self.run.distiller.adversary_optimizer.zero_grad(set_to_none=True)
+            self.run.sums.seen = seen_before
+            self.give_up(f"capture failed: {one_line(err)}")
+            return False
+        self.names, self.run.sums.seen = self.run.sums.seen, seen_before  # the terms the graph adds to
+        self.graph = graph
+        return True  # capturing ran nothing: the caller replays this batch
+
+    def give_up(self, why: str) -> None:
+        self.failed = why
+        self.run.graphs_status = f"eager: {why}"
+        print(f"ackd-search: cuda_graphs: {why}; continuing eagerly", file=sys.stderr, flush=True)
+
+
 class _Run:
     """State of one run; methods are the steps of `train`, kept short enough to read."""
 
-    def __init__(self, cfg: RunConfig, reporter: Reporter | None, splits: DataSplits | None = None,
-                 teacher: torch.nn.Module | None = None):
-        """`splits` and `teacher`, when given, replace the configured data set and teacher (for benchmarks)."""
-        self.cfg, self.reporter = cfg, reporter
+    def __init__(self, cfg: RunConfig, reporter: Reporter | None, *, splits: DataSplits,
+                 teacher: torch.nn.Module | None, teacher_info: dict[str, Any] | None,
+                 identity: dict[str, Any] | None = None):
+        self.cfg, self.reporter, self.identity = cfg, reporter, identity
         self.device = resolve_device(cfg.device)
         if cfg.cpu_threads and self.device.type == "cpu":
             torch.set_num_threads(cfg.cpu_threads)
         self.autocast = autocast_for(cfg, self.device)
         self.run_dir = Path(cfg.output_dir) if cfg.output_dir else None
-        self.splits = splits if splits is not None else get_splits(cfg.data)
-        self.teacher, self.teacher_info = self._teacher() if teacher is None else (teacher, {"arch": "given"})
+        self.splits = splits
+        self.teacher, self.teacher_info = teacher, teacher_info
         # Seeded after the teacher: whether it was trained now or read from the cache must not move the student.
         seed_everything(cfg.seed)
         student = build_student(cfg, self.splits)
@@ -194,17 +379,13 @@ class _Run:
         self.start_epoch = 0
         self.train_loader = self._loader(self.splits.train, shuffle=True)
         self.val_loader = self._loader(self.splits.val, shuffle=False)
+        self.sums = _EpochSums(self.device)
+        self.graphs_status = "off"
+        self.captured: _CapturedStep | None = None
+        self._engine_ready = False
         if cfg.compile:
             for module in self.distiller.compile_targets():
                 module.compile()
-
-    def _teacher(self):
-        if self.cfg.distill.method == "student":
-            return None, None
-        from ackd_search.teachers import get_teacher
-
-        teacher, info = get_teacher(self.cfg, self.splits, self.device)
-        return teacher, info
 
     def _loader(self, split, shuffle: bool) -> DeviceLoader:
         s = self.splits
@@ -220,6 +401,18 @@ class _Run:
             channels_last=self.cfg.channels_last and self.device.type == "cuda",
         )
 
+    def _engine(self) -> _CapturedStep | None:
+        """The captured step when `cuda_graphs` asks for it and the device has CUDA, else None (eager steps)."""
+        setting = self.cfg.cuda_graphs
+        if setting == "off" or (setting == "auto" and self.device.type != "cuda"):
+            return None
+        if self.device.type != "cuda":
+            self.graphs_status = f"eager: cuda_graphs 'on' needs a CUDA device, this run is on {self.device}"
+            print(f"ackd-search: {self.graphs_status[7:]}; continuing eagerly", file=sys.stderr, flush=True)
+            return None
+        self.graphs_status = "captured"
+        return _CapturedStep(self)
+
     # --- checkpoints ---------------------------------------------------------------------------------------
     def checkpoint_path(self) -> Path | None:
         return self.run_dir / CHECKPOINT if self.run_dir else None
@@ -231,11 +424,13 @@ class _Run:
         adv = self.distiller.adversary_optimizer
         state = {
             "epochs_done": epochs_done,
+            "version": __version__,
+            "identity": self.identity,
             "config": to_dict(self.cfg),
             "distiller": self.distiller.trained_state(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "adversary_optimizer": adv.state_dict() if adv is not None else None,
+            "adversary_optimizer": _portable_state(adv) if adv is not None else None,
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
             "history": self.history,
@@ -249,7 +444,8 @@ class _Run:
         state = load_checkpoint(path)
         if not isinstance(state, dict) or "epochs_done" not in state:
             raise CheckpointError(f"{path} is not a training checkpoint of this project; use a new output_dir")
-        if with_absolute_paths(state.get("config") or {}) != with_absolute_paths(to_dict(self.cfg)):
+        check_owner(path, state, self.identity)
+        if _comparable(state.get("config") or {}) != _comparable(to_dict(self.cfg)):
             raise CheckpointError(f"{path} was written by a different run config; use a new output_dir")
         self.distiller.load_trained_state(state["distiller"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -263,31 +459,36 @@ class _Run:
         self.start_epoch = int(state["epochs_done"])
 
     # --- the loop ------------------------------------------------------------------------------------------
+    def step(self, x: torch.Tensor, y: torch.Tensor, epoch: int, autocast=None) -> None:
+        """One training step: the distiller's forward and losses (and its adversary's own step), backward, SGD,
+        and the loss terms added to the epoch's on-device sums. No host sync: a CUDA graph captures it whole."""
+        with (autocast or self.autocast)():
+            _, loss, terms = self.distiller.forward_train(x, y, epoch)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.sums.add(loss, terms)
+
     def train_epoch(self, epoch: int) -> tuple[dict[str, float], float]:
-        distiller, optimizer = self.distiller, self.optimizer
+        if not self._engine_ready:  # after any resume: the captured step reads the restored optimizer states
+            self.captured, self._engine_ready = self._engine(), True
+        distiller = self.distiller
         distiller.train()
+        distiller.set_epoch(epoch)
         self.train_loader.set_epoch(epoch)
-        sums: dict[str, torch.Tensor] = {}
-        loss_sum = torch.zeros((), device=self.device)
-        bad = torch.zeros((), device=self.device, dtype=torch.bool)
+        self.sums.reset()
+        step_fn = self.step
+        if self.captured is not None:
+            self.captured.begin_epoch(epoch)
+            step_fn = self.captured.step
         start = time.perf_counter()
         for step, (x, y) in enumerate(self.train_loader):
-            with self.autocast():
-                _, loss, terms = distiller.forward_train(x, y, epoch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.detach()
-            bad |= ~torch.isfinite(loss.detach())
-            for name, value in terms.items():
-                sums[name] = sums.get(name, 0.0) + value.float()
-            if step % NONFINITE_CHECK_EVERY == 0 and bad.item():
+            step_fn(x, y, epoch)
+            if step % NONFINITE_CHECK_EVERY == 0 and self.sums.bad.item():
                 raise NonFiniteLossError(f"loss became non-finite at epoch {epoch + 1}, batch {step + 1}")
-        if bad.item():
+        if self.sums.bad.item():
             raise NonFiniteLossError(f"loss became non-finite at epoch {epoch + 1}")
-        n = max(1, len(self.train_loader))
-        terms_mean = {name: value.item() / n for name, value in sums.items()}
-        terms_mean["loss"] = loss_sum.item() / n
+        terms_mean = self.sums.means(max(1, len(self.train_loader)))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return terms_mean, time.perf_counter() - start
@@ -342,6 +543,7 @@ class _Run:
             device=describe_device(self.device),
             wall_time_s=wall_s,
             images_per_s=images / train_s if train_s > 0 else math.nan,
+            cuda_graphs=self.graphs_status,
             student_state=self.distiller.export_student(),
         )
         if self.run_dir:
@@ -350,19 +552,47 @@ class _Run:
         return result
 
 
+def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+    """A run config as a checkpoint must match it: paths resolved; `cuda_graphs` left out (it changes how the step
+    runs, not what it computes, so a run may resume with it switched)."""
+    out = with_absolute_paths(config)
+    out.pop("cuda_graphs", None)
+    return out
+
+
+def _describe_owner(identity: dict[str, Any] | None) -> str:
+    if not identity:
+        return "no study (a plain training run)"
+    parts = [f"{key} {value!r}" for key, value in identity.items() if key != "study" and value is not None]
+    name = f"study {identity['study']!r}" if "study" in identity else ""
+    return " ".join(p for p in (name, f"({', '.join(parts)})" if parts else "") if p)
+
+
+def check_owner(path: Path, state: dict[str, Any], identity: dict[str, Any] | None) -> None:
+    """Refuse a checkpoint written by another code version or for another study / trial, in one line."""
+    version = state.get("version")
+    if version != __version__:
+        written = f"ackd-search {version}" if version else "an older ackd-search (no version recorded)"
+        raise CheckpointError(f"{path} was written by {written}, this is {__version__}; "
+                              f"delete it or use a new runs folder")
+    saved = state.get("identity")
+    if (saved or None) != (identity or None):
+        raise CheckpointError(f"{path} belongs to {_describe_owner(saved)}, not {_describe_owner(identity)}; "
+                              f"delete it or use a new runs folder")
+
+
 def describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda: {torch.cuda.get_device_name(device)}"
     return f"cpu: {os.cpu_count()} cores, torch {torch.__version__}"
 
 
-def train(cfg: RunConfig, reporter: Reporter | None = None) -> RunResult:
-    """Train `cfg` to the end (resuming from `cfg.output_dir`'s checkpoint if there is one).
+def train(cfg: RunConfig, reporter: Reporter | None = None, *, splits: DataSplits,
+          teacher: torch.nn.Module | None, teacher_info: dict[str, Any] | None,
+          identity: dict[str, Any] | None = None) -> RunResult:
+    """Train `cfg` on `splits` with `teacher` (None for the student alone) to the end, resuming from
+    `cfg.output_dir`'s checkpoint if there is one and it belongs to `identity` (the caller's study and trial; None
+    for a plain run) and to this code version.
 
     `reporter(epoch, metrics)` is called after every epoch, after the checkpoint is written; it may raise to stop."""
-    return _Run(cfg, reporter).run()
-
-
-def distiller_for(cfg: RunConfig) -> Distiller:
-    """The distiller `train` would build (teacher included), without training; for tests and benchmarks."""
-    return _Run(cfg, None).distiller
+    return _Run(cfg, reporter, splits=splits, teacher=teacher, teacher_info=teacher_info, identity=identity).run()

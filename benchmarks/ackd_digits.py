@@ -23,8 +23,9 @@ import torch
 
 from ackd_search.config import DistillConfig, RunConfig, kd_distill, reference_distill, to_dict
 from ackd_search.data import DeviceLoader
+from ackd_search.runner import run_training
 from ackd_search.teachers import get_teacher
-from ackd_search.trainer import autocast_for, describe_device, evaluate, get_splits, resolve_device, train
+from ackd_search.trainer import autocast_for, describe_device, evaluate, get_splits, resolve_device
 
 RESULTS = Path(__file__).resolve().parent / "results" / "ackd-digits.json"
 METHODS: dict[str, DistillConfig] = {
@@ -62,7 +63,7 @@ def teacher_accuracy(cfg: RunConfig) -> dict[str, Any]:
 
 def one_run(cfg: RunConfig) -> dict[str, Any]:
     start = time.perf_counter()
-    result = train(cfg)
+    result = run_training(cfg)
     return {
         "seed": cfg.seed,
         "final_val_acc": result.final_val_acc,

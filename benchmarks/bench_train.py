@@ -75,7 +75,8 @@ def time_project(method: str, warm: TensorSplit, timed: TensorSplit, args: argpa
     mean, std = channel_stats(timed.x)
     splits = DataSplits(name="cifar100-shaped-random", train=timed, val=warm, test=warm, num_classes=NUM_CLASSES,
                         in_channels=3, image_size=IMAGE_SIZE, mean=mean, std=std, augment=Augment(pad=4, flip=True))
-    run = _Run(project_config(method, args), None, splits=splits, teacher=create_model(TEACHER, NUM_CLASSES))
+    teacher = create_model(TEACHER, NUM_CLASSES)
+    run = _Run(project_config(method, args), None, splits=splits, teacher=teacher, teacher_info={"arch": TEACHER})
     timed_loader = run.train_loader
     run.train_loader = run._loader(warm, shuffle=True)  # the same loader the trainer builds, over the warm-up images
     run.train_epoch(0)  # warm-up: allocator, cuDNN autotuning, torch.compile

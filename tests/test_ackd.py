@@ -447,10 +447,10 @@ def digits_run(teacher_cache: Path, output_dir: Path, epochs: int, **ackd) -> Ru
 
 
 def test_short_ackd_training_on_digits_lowers_the_loss_and_beats_chance(tmp_path: Path, teacher_cache: Path):
-    from ackd_search.trainer import train
+    from ackd_search.runner import run_training
 
     cfg = digits_run(teacher_cache, tmp_path / "run", epochs=6)
-    result = train(cfg)
+    result = run_training(cfg)
     losses = [h["terms"]["loss"] for h in result.history]
     assert losses[-1] < 0.7 * losses[0]
     assert result.final_val_acc > 50.0  # chance is 10 %
@@ -462,10 +462,10 @@ def test_short_ackd_training_on_digits_lowers_the_loss_and_beats_chance(tmp_path
 
 def test_an_interrupted_ackd_run_resumes_to_the_same_student(tmp_path: Path, teacher_cache: Path):
     """The checkpoint must hold the learners, projections, connectors, D and D's Adam state, not only the student."""
-    from ackd_search.trainer import train
+    from ackd_search.runner import run_training
 
     options = {"aux_placements": [1, 2], "adv_input": "features", "aggregation": "attention"}
-    straight = train(digits_run(teacher_cache, tmp_path / "straight", epochs=3, **options))
+    straight = run_training(digits_run(teacher_cache, tmp_path / "straight", epochs=3, **options))
 
     def stop_after_first_epoch(epoch: int, metrics: dict) -> None:
         if epoch == 1 and not metrics.get("resumed"):
@@ -473,8 +473,8 @@ def test_an_interrupted_ackd_run_resumes_to_the_same_student(tmp_path: Path, tea
 
     interrupted = digits_run(teacher_cache, tmp_path / "interrupted", epochs=3, **options)
     with pytest.raises(KeyboardInterrupt):
-        train(interrupted, stop_after_first_epoch)
-    resumed = train(interrupted)
+        run_training(interrupted, stop_after_first_epoch)
+    resumed = run_training(interrupted)
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
     for key, value in straight.student_state.items():
         torch.testing.assert_close(resumed.student_state[key], value, rtol=0, atol=1e-6)

@@ -18,7 +18,7 @@ import torch
 from optuna.trial import TrialState
 from tiny_space import tiny_space, write
 
-import ackd_search.study as study_module
+import ackd_search.objective as objective_module
 import ackd_search.trainer as trainer_module
 from ackd_search.distill import KD
 from ackd_search.space import load_space
@@ -142,8 +142,8 @@ def test_non_finite_loss_stops_that_trial_only(tmp_path: Path, teacher_cache: Pa
 
     real_init = trainer_module._Run.__init__
 
-    def remember_lr(self, cfg, reporter):
-        real_init(self, cfg, reporter)
+    def remember_lr(self, cfg, reporter, **handed_in):
+        real_init(self, cfg, reporter, **handed_in)
         self.distiller.student_lr = cfg.optim.lr
 
     monkeypatch.setattr(KD, "forward_train", diverging)
@@ -158,15 +158,15 @@ def test_non_finite_loss_stops_that_trial_only(tmp_path: Path, teacher_cache: Pa
 
 def test_out_of_memory_fails_that_trial_only(tmp_path: Path, teacher_cache: Path, monkeypatch) -> None:
     space = load_space(write(tmp_path / "s.yaml", tiny_space(tmp_path, teacher_cache=teacher_cache, n_trials=3)))
-    real_train, calls = study_module.train, []
+    real_train, calls = objective_module.run_training, []
 
-    def flaky_train(cfg, reporter=None):
+    def flaky_train(cfg, reporter=None, **identity):
         calls.append(cfg)
         if len(calls) == 1:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-        return real_train(cfg, reporter)
+        return real_train(cfg, reporter, **identity)
 
-    monkeypatch.setattr(study_module, "train", flaky_train)
+    monkeypatch.setattr(objective_module, "run_training", flaky_train)
     study = run_search(space)
     states = [t.state for t in study.trials]
     assert states[0] == TrialState.FAIL and states[1:] == [TrialState.COMPLETE] * 2

@@ -28,6 +28,7 @@ from ackd_search.config import (
 )
 from ackd_search.data import DeviceLoader
 from ackd_search.models import count_flops, count_parameters, create_model
+from ackd_search.runner import run_training
 from ackd_search.trainer import (
     CHECKPOINT,
     CheckpointError,
@@ -37,7 +38,6 @@ from ackd_search.trainer import (
     evaluate,
     get_splits,
     resolve_device,
-    train,
 )
 
 TEACHER_EPOCHS = 5  # the large digits CNN reaches ~95% val accuracy in 5 epochs
@@ -97,7 +97,7 @@ def val_curve(result: RunResult) -> list[float]:
 
 
 def test_kd_run_lowers_training_loss_and_beats_chance(teacher_cache: Path) -> None:
-    result = train(run_config(teacher_cache, "kd", epochs=8))
+    result = run_training(run_config(teacher_cache, "kd", epochs=8))
     losses = [h["terms"]["loss"] for h in result.history]
     assert losses[-1] < 0.6 * losses[0], losses
     assert result.final_val_acc > 50.0, val_curve(result)  # 10 classes: chance is 10%
@@ -108,7 +108,7 @@ def test_kd_run_lowers_training_loss_and_beats_chance(teacher_cache: Path) -> No
 
 def test_student_alone_reports_every_epoch_in_order(tmp_path: Path) -> None:
     calls: list[tuple[int, dict[str, Any]]] = []
-    result = train(run_config(tmp_path / "unused-cache", "student", epochs=3),
+    result = run_training(run_config(tmp_path / "unused-cache", "student", epochs=3),
                    reporter=lambda epoch, metrics: calls.append((epoch, metrics)))
     assert [epoch for epoch, _ in calls] == [1, 2, 3]
     for epoch, metrics in calls:
@@ -129,16 +129,16 @@ def test_student_alone_reports_every_epoch_in_order(tmp_path: Path) -> None:
 @pytest.mark.parametrize("method", ["kd", "ackd"])
 def test_resume_after_crash_matches_uninterrupted_run(teacher_cache: Path, tmp_path: Path, method: str) -> None:
     epochs = 4
-    whole = train(run_config(teacher_cache, method, epochs, tmp_path / "whole", limit=300))
+    whole = run_training(run_config(teacher_cache, method, epochs, tmp_path / "whole", limit=300))
 
     cfg = run_config(teacher_cache, method, epochs, tmp_path / "resumed", limit=300)
     with pytest.raises(SimulatedCrash):
-        train(cfg, reporter=crash_after(2))
+        run_training(cfg, reporter=crash_after(2))
     saved = torch.load(tmp_path / "resumed" / CHECKPOINT, weights_only=True)
     assert saved["epochs_done"] == 2
 
     seen: list[tuple[int, bool]] = []
-    resumed = train(cfg, reporter=lambda epoch, metrics: seen.append((epoch, metrics.get("resumed", False))))
+    resumed = run_training(cfg, reporter=lambda epoch, metrics: seen.append((epoch, metrics.get("resumed", False))))
     # The caller sees the whole curve: the restored epochs replayed (marked), then only the missing ones trained.
     assert seen == [(1, True), (2, True), (3, False), (4, False)]
     assert val_curve(resumed) == val_curve(whole)
@@ -160,8 +160,8 @@ def test_resume_after_crash_matches_uninterrupted_run(teacher_cache: Path, tmp_p
 
 def test_finished_run_is_not_trained_again(tmp_path: Path) -> None:
     cfg = run_config(tmp_path / "cache", "student", epochs=2, output_dir=tmp_path / "run", limit=200)
-    first = train(cfg)
-    again = train(cfg, reporter=lambda epoch, metrics: None if metrics.get("resumed") else pytest.fail("trained"))
+    first = run_training(cfg)
+    again = run_training(cfg, reporter=lambda epoch, m: None if m.get("resumed") else pytest.fail("trained"))
     assert val_curve(again) == val_curve(first)
     assert_same_weights(again.student_state, first.student_state)
 
@@ -171,16 +171,16 @@ def test_finished_run_is_not_trained_again(tmp_path: Path) -> None:
 
 def test_same_config_and_seed_give_identical_runs_cold_or_warm_cache(tmp_path: Path) -> None:
     cache = tmp_path / "fresh-cache"
-    cold = train(run_config(cache, "kd", epochs=3, limit=400))  # trains the teacher first
-    warm = train(run_config(cache, "kd", epochs=3, limit=400))  # reads it from the cache
+    cold = run_training(run_config(cache, "kd", epochs=3, limit=400))  # trains the teacher first
+    warm = run_training(run_config(cache, "kd", epochs=3, limit=400))  # reads it from the cache
     assert val_curve(warm) == val_curve(cold)
     assert [h["terms"] for h in warm.history] == [h["terms"] for h in cold.history]
     assert_same_weights(warm.student_state, cold.student_state)
 
 
 def test_another_seed_gives_other_weights(tmp_path: Path) -> None:
-    seed0 = train(run_config(tmp_path, "student", epochs=2, seed=0, limit=300))
-    seed1 = train(run_config(tmp_path, "student", epochs=2, seed=1, limit=300))
+    seed0 = run_training(run_config(tmp_path, "student", epochs=2, seed=0, limit=300))
+    seed1 = run_training(run_config(tmp_path, "student", epochs=2, seed=1, limit=300))
     assert not torch.equal(seed0.student_state["stem.0.weight"], seed1.student_state["stem.0.weight"])
 
 
@@ -189,9 +189,9 @@ def test_another_seed_gives_other_weights(tmp_path: Path) -> None:
 
 def test_checkpoint_of_another_config_is_refused(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    train(run_config(tmp_path, "student", epochs=1, output_dir=out, limit=200))
+    run_training(run_config(tmp_path, "student", epochs=1, output_dir=out, limit=200))
     with pytest.raises(CheckpointError, match="different run config"):
-        train(run_config(tmp_path, "student", epochs=1, output_dir=out, limit=200, lr=0.01))
+        run_training(run_config(tmp_path, "student", epochs=1, output_dir=out, limit=200, lr=0.01))
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "not-a-checkpoint"])
@@ -200,7 +200,7 @@ def test_unreadable_checkpoint_is_a_one_line_error_naming_the_path(tmp_path: Pat
     path = tmp_path / "run" / CHECKPOINT
     if damage == "truncated":
         with pytest.raises(SimulatedCrash):
-            train(cfg, reporter=crash_after(1))
+            run_training(cfg, reporter=crash_after(1))
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     else:
         path.parent.mkdir(parents=True)
@@ -209,7 +209,7 @@ def test_unreadable_checkpoint_is_a_one_line_error_naming_the_path(tmp_path: Pat
         else:
             path.write_bytes(b"\x80\x02 not a torch file" if damage == "garbage" else b"")
     with pytest.raises(CheckpointError) as info:
-        train(cfg)
+        run_training(cfg)
     message = str(info.value)
     assert str(path) in message
     assert "\n" not in message and "\x1b" not in message
@@ -225,13 +225,13 @@ def test_nan_teacher_stops_the_run_at_the_first_batch(tmp_path: Path) -> None:
     cfg = run_config(tmp_path, "kd", epochs=3)
     cfg.teacher.checkpoint = str(tmp_path / "nan-teacher.pt")
     with pytest.raises(NonFiniteLossError, match="epoch 1, batch 1$"):
-        train(cfg, reporter=lambda epoch, metrics: pytest.fail("no epoch should finish"))
+        run_training(cfg, reporter=lambda epoch, metrics: pytest.fail("no epoch should finish"))
 
 
 def test_diverging_lr_stops_the_run_within_the_first_epoch(tmp_path: Path) -> None:
     cfg = run_config(tmp_path, "student", epochs=5, lr=1e6)
     with pytest.raises(NonFiniteLossError, match="epoch 1"):
-        train(cfg, reporter=lambda epoch, metrics: pytest.fail("no epoch should finish"))
+        run_training(cfg, reporter=lambda epoch, metrics: pytest.fail("no epoch should finish"))
 
 
 @pytest.mark.parametrize("name", ["tpu", "bogus:0", "mps"])
@@ -239,7 +239,7 @@ def test_unknown_device_is_a_one_line_value_error(tmp_path: Path, name: str) -> 
     cfg = run_config(tmp_path, "student", epochs=1)
     cfg.device = name
     with pytest.raises(ValueError, match=f"unknown device '{name}'; allowed: auto, cpu, cuda, cuda:N$"):
-        train(cfg)
+        run_training(cfg)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -257,7 +257,7 @@ def test_cpu_threads_sets_torch_threads_on_the_cpu(tmp_path: Path) -> None:
     cfg.cpu_threads = 1
     torch.set_num_threads(2)
     try:
-        train(cfg)
+        run_training(cfg)
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(1)
@@ -267,13 +267,13 @@ def test_step_schedule_is_scaled_to_the_budget(tmp_path: Path) -> None:
     cfg = run_config(tmp_path, "student", epochs=8, limit=100, lr=0.1)
     # The recipe's 150/180/210 of 240 epochs become epochs 5/6/7 of 8.
     assert cfg.optim.scaled_milestones() == [5, 6, 7]
-    lrs = [h["lr"] for h in train(cfg).history]
+    lrs = [h["lr"] for h in run_training(cfg).history]
     assert lrs == pytest.approx([0.1] * 5 + [0.01, 0.001, 0.0001], rel=1e-9)
 
 
 def test_cosine_schedule_anneals_to_zero_over_the_budget(tmp_path: Path) -> None:
     cfg = run_config(tmp_path, "student", epochs=5, limit=100, lr=0.1, schedule="cosine")
-    lrs = [h["lr"] for h in train(cfg).history]
+    lrs = [h["lr"] for h in run_training(cfg).history]
     assert lrs == pytest.approx([0.05 * (1 + math.cos(math.pi * e / 5)) for e in range(5)], rel=1e-9)
     assert lrs[0] == pytest.approx(0.1)
 
@@ -284,7 +284,7 @@ def test_cosine_schedule_anneals_to_zero_over_the_budget(tmp_path: Path) -> None
 def test_output_dir_holds_config_result_and_a_loadable_student(tmp_path: Path) -> None:
     out = tmp_path / "run"
     cfg = run_config(tmp_path, "student", epochs=2, output_dir=out)
-    result = train(cfg)
+    result = run_training(cfg)
 
     assert to_dict(load_run_config(out / "config.yaml")) == to_dict(cfg)
     summary = json.loads((out / "result.json").read_text())

@@ -12,9 +12,11 @@ search can explore it:
 - OKDDip-style attention over learners (bias-free W_q, W_k per pooled width; self included unless `attn_self: false`,
   our knob against the attention collapsing onto each learner itself; `aux_mean` = OKDDip's
   "leader" target, so the student then needs no query projection);
-- `detach_target`: we detach the peers' LOGITS inside a target and keep the attention weights differentiable, so
-  W_q, W_k still learn through the collaborative term (OKDDip detaches nothing; detaching the whole target would
-  leave W_q, W_k without any gradient, frozen at their random initialisation);
+- `detach_target`: we detach the peers' LOGITS inside a target and feed the attention DETACHED pooled features, so
+  W_q, W_k still learn through the collaborative terms (detaching the whole target would leave them without any
+  gradient, frozen at their random initialisation) while no learner is moved through the attention weights: a
+  learner's collaborative term pulls only on its own logits, never on its peers' features (without this, the
+  auxiliaries' terms moved the student's last stage too). OKDDip detaches nothing (`detach_target: false`);
 - the discriminator (an AMLN / AFD-style MLP with its own Adam), which real/fake sources it sees, and the choice of
   `real` for `adv_real: ensemble` (the mean over learners of the softened collaborative targets);
 - `adv_input: features`: one linear connector per learner maps its pooled features to the real source's width (the
@@ -103,6 +105,9 @@ class CollabAttention(nn.Module):
         query_widths = sorted({widths[i] for i in self.query_rows})
         self.query = nn.ModuleDict({_width_key(w): nn.Linear(w, dim, bias=False) for w in query_widths})
         self.key = nn.ModuleDict({_width_key(w): nn.Linear(w, dim, bias=False) for w in sorted(set(widths))})
+        own = torch.zeros(len(self.query_rows), len(widths), dtype=torch.bool)  # A_ii, masked without `include_self`
+        own[torch.arange(len(self.query_rows)), torch.tensor(self.query_rows, dtype=torch.long)] = True
+        self.register_buffer("own", own, persistent=False)  # built once: no host-to-device copy inside a step
 
     @staticmethod
     def _project(layers: nn.ModuleDict, pooled: list[torch.Tensor]) -> torch.Tensor:
@@ -117,10 +122,7 @@ class CollabAttention(nn.Module):
         k = self._project(self.key, pooled)
         scores = torch.bmm(q, k.transpose(1, 2)).float()
         if not self.include_self:  # each learner attends to its peers only
-            rows = torch.arange(len(self.query_rows), device=scores.device)
-            own = torch.zeros(scores.shape[1:], dtype=torch.bool, device=scores.device)
-            own[rows, torch.tensor(self.query_rows, device=scores.device)] = True
-            scores = scores.masked_fill(own, float("-inf"))
+            scores = scores.masked_fill(self.own, float("-inf"))
         return torch.softmax(scores, dim=-1)
 
 
@@ -170,6 +172,12 @@ class ACKD(Distiller):
             self.adversary_optimizer = torch.optim.Adam(
                 self.discriminator.parameters(), lr=self.ackd.d_lr, betas=(0.5, 0.999)
             )
+        # The epoch's loss weights live on the device and are filled in place once per epoch (`set_epoch`), so a
+        # captured training step reads the current values instead of the ones it was captured with.
+        self.register_buffer("collab_w", torch.zeros(()), persistent=False)
+        self.register_buffer("adv_w", torch.zeros(()), persistent=False)
+        self.register_buffer("zero_w", torch.zeros(()), persistent=False)
+        self._weights_epoch: int | None = None
 
     @property
     def num_aux(self) -> int:
@@ -222,6 +230,21 @@ class ACKD(Distiller):
     def adv_weight(self, epoch: int) -> float:
         return self.ackd.adv_weight if epoch >= self.ackd.adv_warmup_epochs * self.budget_scale else 0.0
 
+    def adv_active(self, epoch: int) -> bool:
+        """Whether this epoch's step has the adversarial part (D's step and the generator terms)."""
+        return self.discriminator is not None and self.adv_weight(epoch) > 0
+
+    def step_key(self, epoch: int) -> bool:
+        return self.adv_active(epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Fill the device weights for `epoch` in place (a no-op when they already hold it)."""
+        if epoch == self._weights_epoch:
+            return
+        self.collab_w.fill_(self.collab_weight(epoch) if self.num_aux > 0 else 0.0)
+        self.adv_w.fill_(self.adv_weight(epoch) if self.discriminator is not None else 0.0)
+        self._weights_epoch = epoch
+
     # --- forward pieces ----------------------------------------------------------------------------------------
     def _teacher_outputs(self, x: torch.Tensor, need_features: bool):
         """Teacher logits (and pooled features when asked): one teacher forward, without gradients."""
@@ -254,7 +277,9 @@ class ACKD(Distiller):
         peers = stacked.detach() if self.ackd.detach_target else stacked
         first_row = 1 if self.ackd.student_target == "aux_mean" else 0
         if self.attention is not None:
-            rows = torch.bmm(self.attention(pooled), peers)
+            # Detached features: W_q, W_k learn from the collaborative terms, the learners are not moved through them.
+            features = [h.detach() for h in pooled] if self.ackd.detach_target else pooled
+            rows = torch.bmm(self.attention(features), peers)
         else:  # plain mean of the OTHER learners
             rows = ((peers.sum(dim=1, keepdim=True) - peers) / (peers.shape[1] - 1))[:, first_row:]
         if first_row == 1:  # the student learns from the auxiliaries' mean (OKDDip's leader)
@@ -318,16 +343,18 @@ class ACKD(Distiller):
         In training mode with the adversarial term on, this also takes D's optimiser step (D first, then the
         learners' loss against the updated D)."""
         ackd = self.ackd
-        collab_w = self.collab_weight(epoch) if self.num_aux > 0 else 0.0
-        adv_w = self.adv_weight(epoch) if (self.discriminator is not None and self.training) else 0.0
-        need_teacher_features = adv_w > 0 and ackd.adv_input == "features" and ackd.adv_real == "teacher"
+        self.set_epoch(epoch)
+        # Which parts run depends on the epoch and the config only, never on data: a captured step keeps its shape.
+        adv_on = self.training and self.adv_active(epoch)
+        collab_w, adv_w = self.collab_w, (self.adv_w if adv_on else self.zero_w)
+        need_teacher_features = adv_on and ackd.adv_input == "features" and ackd.adv_real == "teacher"
         teacher_logits, teacher_pooled = self._teacher_outputs(x, need_teacher_features)
         pooled, logits = self._learner_outputs(x)
         targets = self.collaborative_targets(pooled, logits) if self.num_aux > 0 else None
 
         terms: dict[str, torch.Tensor] = {}
         adv_g = None
-        if adv_w > 0:
+        if adv_on:
             real, fakes = self.adversarial_inputs(logits, pooled, teacher_logits, teacher_pooled, targets)
             terms["adv_d"] = self.discriminator_step(real, fakes)
             adv_g = self.generator_losses(fakes)  # with the UPDATED discriminator
@@ -340,8 +367,7 @@ class ACKD(Distiller):
                 for i in range(1, self.num_aux + 1)
             ]
             loss = loss + ackd.aux_weight * torch.stack(aux_losses).sum()
-        terms["collab_w"] = torch.tensor(collab_w, device=x.device)
-        terms["adv_w"] = torch.tensor(adv_w, device=x.device)
+        terms["collab_w"], terms["adv_w"] = collab_w, adv_w
         return logits[0], loss, terms
 
     def _learner_loss(self, i, z, y, teacher_logits, targets, adv_g, weights, terms) -> torch.Tensor:
@@ -357,7 +383,7 @@ class ACKD(Distiller):
         terms[prefix + "ce"], terms[prefix + "kd"] = ce.detach(), kd.detach()
         if targets is not None:
             collab = kd_loss(z, targets[:, i], self.temperature)
-            if collab_w > 0:
+            if self.ackd.collab_weight > 0:  # the ramp is positive at every epoch: this is the config's weight
                 loss = loss + collab_w * collab
             terms[prefix + "collab"] = collab.detach()
         if adv_g is not None:

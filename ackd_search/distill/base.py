@@ -47,6 +47,15 @@ class Distiller(nn.Module):
     def adversary_parameters(self) -> list[nn.Parameter]:
         return []
 
+    def set_epoch(self, epoch: int) -> None:
+        """Fill whatever the step reads per epoch (loss weights) into device tensors, in place; called by the
+        trainer before an epoch's first step, outside any captured step."""
+
+    def step_key(self, epoch: int) -> object:
+        """What decides the SHAPE of `forward_train` at `epoch` (which parts run): one captured CUDA graph serves
+        every epoch with the same key. Nothing data-dependent may change the shape."""
+        return None
+
     def compile_targets(self) -> list[nn.Module]:
         """Modules worth `torch.compile`-ing (compiled in place, so state-dict keys do not change)."""
         return [m for m in (self.student, self.teacher) if m is not None]

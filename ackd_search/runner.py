@@ -1,0 +1,38 @@
+"""Builds one run and trains it: the data splits and the teacher are loaded here and handed to `trainer.train`, so
+the trainer never fetches its own teacher (and `trainer` and `teachers` do not import each other)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from ackd_search.config import RunConfig
+from ackd_search.data import DataSplits
+from ackd_search.distill import Distiller
+from ackd_search.teachers import get_teacher
+from ackd_search.trainer import Reporter, RunResult, _Run, get_splits, resolve_device, train
+
+
+def load_teacher(cfg: RunConfig, splits: DataSplits) -> tuple[nn.Module | None, dict[str, Any] | None]:
+    """The frozen teacher `cfg` names and its manifest (trained and cached on first use); (None, None) for the
+    student alone, which never touches the teacher cache."""
+    if cfg.distill.method == "student":
+        return None, None
+    return get_teacher(cfg, splits, resolve_device(cfg.device))
+
+
+def run_training(cfg: RunConfig, reporter: Reporter | None = None,
+                 identity: dict[str, Any] | None = None) -> RunResult:
+    """Load `cfg`'s data and teacher, then `train` it (resuming its checkpoint when that belongs to `identity`)."""
+    resolve_device(cfg.device)  # a bad device name fails before any data is read or teacher trained
+    splits = get_splits(cfg.data)
+    teacher, teacher_info = load_teacher(cfg, splits)
+    return train(cfg, reporter, splits=splits, teacher=teacher, teacher_info=teacher_info, identity=identity)
+
+
+def distiller_for(cfg: RunConfig) -> Distiller:
+    """The distiller `run_training` would train (teacher included), without training; for tests and benchmarks."""
+    splits = get_splits(cfg.data)
+    teacher, teacher_info = load_teacher(cfg, splits)
+    return _Run(cfg, None, splits=splits, teacher=teacher, teacher_info=teacher_info).distiller
