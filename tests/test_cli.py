@@ -24,6 +24,7 @@ from ackd_search.storage import make_storage
 from ackd_search.study import open_study
 
 ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")  # studies made by ask/tell
 WORKER_ONLY = {"--seed-offset", "--worker-tag", "--no-requeue"}  # set by the --workers parent, hidden from users
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -228,3 +229,29 @@ def test_bad_input_is_one_line_nonzero_and_leaves_the_study_untouched(tmp_path: 
             assert len(lines) == 1, (label, cli.stderr)  # validation may list several problems, one per line
         assert _sha(db) == before, label
     assert os.path.exists(db)
+
+
+# --- the table of faults tried (tests/FAULTS.md) stays in step with the tests ---------------------------------
+
+
+def test_faults_table_cites_only_tests_that_exist() -> None:
+    tests = Path(__file__).parent
+    defined = {path.name: set(re.findall(r"^(?:async )?def (test_\w+)", path.read_text(), re.M))
+               for path in tests.glob("test_*.py")}
+    everywhere = set().union(*defined.values())
+    text = (tests / "FAULTS.md").read_text()
+    rows = [[cell.strip() for cell in line.strip().strip("|").split("|")]
+            for line in text.splitlines() if line.startswith("| ") and not line.startswith("| id ")]
+    assert rows and all(len(row) == 4 for row in rows), [row for row in rows if len(row) != 4]
+    pinned = 0
+    for fault_id, _, _, pinned_by in rows:
+        if pinned_by == "open":
+            continue
+        cited = re.findall(r"`(?:(test_\w+\.py)::)?(test_\w+)`", pinned_by)
+        assert cited, f"{fault_id}: 'pinned by' names no test: {pinned_by!r}"
+        for file, name in cited:
+            assert name in (defined.get(file, set()) if file else everywhere), f"{fault_id}: no test {name}"
+        pinned += 1
+    tried, said_pinned, said_open = map(int, re.search(r"(\d+) tried, (\d+) pinned by a test, (\d+) open",
+                                                        text).groups())
+    assert (tried, said_pinned, said_open) == (len(rows), pinned, len(rows) - pinned)
