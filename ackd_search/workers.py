@@ -63,6 +63,7 @@ def run_workers(args: argparse.Namespace, space: Space) -> int:
             p.wait()
         raise
     failed = [c for c in codes if c != 0]
-    run_confirmation(space, study)  # the parent alone: a worker that died left its share to the retry above
+    if not args.no_confirm:
+        run_confirmation(space, study)  # the parent alone: a worker that died left its share to the retry above
     print(summary(study))
     return max(failed) if failed else 0

@@ -49,7 +49,7 @@ def run_workers(space_file: Path, workers: int, n_trials: int) -> subprocess.Com
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(
         [sys.executable, str(ROOT / "search.py"), "--space", str(space_file), "--workers", str(workers),
-         "--n-trials", str(n_trials)],
+         "--n-trials", str(n_trials), "--no-confirm"],
         capture_output=True, text=True, timeout=600, cwd=ROOT, env=env, check=False,
     )
 

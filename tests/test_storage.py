@@ -1,0 +1,118 @@
+"""The storage under simultaneous starters and bad files: any number of processes may create one study at the same
+moment (SQLite and PostgreSQL) and all run their trials; a corrupt database fails in one line before any data is
+read or teacher trained; long curves do not grow the trial's attributes (MySQL keeps 64 KB in a Text column)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import optuna
+import pytest
+import sqlalchemy
+from optuna.trial import TrialState
+from test_workers import SERVERS, reachable_or_skip
+from tiny_space import tiny_space, write
+
+from ackd_search.objective import OptunaReporter, StudyPaths, upload_curve
+from ackd_search.space import load_space
+from ackd_search.storage import StudyError, check_storage, make_storage
+from ackd_search.study import open_study, quiet_optuna
+
+ROOT = Path(__file__).resolve().parent.parent
+quiet_optuna()
+
+
+@pytest.fixture(scope="module")
+def teacher_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("teachers")
+
+
+def start_searches(space_file: Path, count: int, n_trials: int) -> list[subprocess.Popen]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(ROOT / "search.py"), "--space", str(space_file), "--n-trials", str(n_trials),
+           "--no-confirm"]
+    return [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env)
+            for _ in range(count)]
+
+
+@pytest.fixture()
+def fresh_postgres():
+    """A new, empty PostgreSQL database: the schema race needs tables that do not exist yet."""
+    reachable_or_skip(SERVERS["postgresql"])
+    name = f"ackd_race_{uuid.uuid4().hex[:8]}"
+    admin = sqlalchemy.create_engine(SERVERS["postgresql"], isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f"CREATE DATABASE {name}")
+    try:
+        yield SERVERS["postgresql"].rsplit("/", 1)[0] + "/" + name
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.dispose()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_simultaneous_starters_all_run_their_trials(tmp_path: Path, teacher_cache: Path, backend: str,
+                                                    request) -> None:
+    storage = request.getfixturevalue("fresh_postgres") if backend == "postgresql" else None
+    data = tiny_space(tmp_path, teacher_cache=teacher_cache, storage=storage, n_trials=2)
+    data["run"]["optim"]["epochs"] = 2
+    space_file = write(tmp_path / "space.yaml", data)
+    procs = start_searches(space_file, count=3, n_trials=2)
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    for proc, out in zip(procs, outputs):
+        assert proc.returncode == 0, out
+        assert "Traceback" not in out, out
+    study = optuna.load_study(study_name="tiny", storage=data["study"]["storage"])
+    trials = study.trials
+    assert len(trials) == 6  # every starter ran its two trials, none lost
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials), [t.state for t in trials]
+    presets = [t.user_attrs.get("preset") for t in trials]
+    assert presets.count("reference") == 1 and presets.count("kd") == 1  # queued once, each run by one starter
+    assert sum("created study" in out for out in outputs) == 1
+
+
+def test_a_corrupt_sqlite_file_fails_before_any_work(tmp_path: Path) -> None:
+    data = tiny_space(tmp_path)
+    space_file = write(tmp_path / "space.yaml", data)
+    (tmp_path / "tiny.db").write_bytes(b"this is not a database" * 100)
+    cli = subprocess.run([sys.executable, str(ROOT / "search.py"), "--space", str(space_file)],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert cli.returncode == 2, cli.stdout + cli.stderr
+    assert "not a usable SQLite database" in cli.stderr and cli.stderr.count("\n") == 1, cli.stderr
+    assert not (tmp_path / "teachers").exists()  # no teacher was trained, no data read
+
+
+def test_a_folder_in_place_of_the_database_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "x.db").mkdir()
+    with pytest.raises(StudyError, match="is a folder"):
+        check_storage(f"sqlite:///{tmp_path / 'x.db'}")
+
+
+def test_a_200_epoch_curve_with_four_learners_stores_on_mariadb(tmp_path: Path) -> None:
+    url = SERVERS["mysql"]
+    reachable_or_skip(url)
+    name = f"long-{uuid.uuid4().hex[:8]}"
+    space = load_space(write(tmp_path / "s.yaml", tiny_space(tmp_path, name=name, storage=url, presets=False)))
+    study = open_study(space, make_storage(space), log=lambda _: None)
+    try:
+        trial = study.ask()
+        reporter = OptunaReporter(trial, can_prune=False)
+        terms = {f"aux{i}/{k}": 0.123456 for i in range(1, 5) for k in ("ce", "kd", "collab", "adv_g")}
+        for epoch in range(1, 201):
+            reporter(epoch, {"epoch": epoch, "val_acc": 50.0 + epoch / 10, "val_loss": 1.0, "lr": 0.05,
+                             "images_per_s": 1000.0, "train_s": 1.0, "terms": {**terms, "loss": 1.0}})
+        paths = StudyPaths.for_space(space)
+        upload_curve(trial, reporter.history, tmp_path / "run", paths)
+        study.tell(trial, 70.0)
+        stored = optuna.load_study(study_name=name, storage=url).trials[0]
+        assert stored.state == TrialState.COMPLETE and len(stored.intermediate_values) == 200
+        assert all(len(json.dumps(v)) < 4096 for v in stored.user_attrs.values())  # nothing grows per epoch
+        assert len(json.loads((tmp_path / "run" / "curve.json").read_text())) == 200
+    finally:
+        optuna.delete_study(study_name=name, storage=url)
