@@ -322,8 +322,8 @@ class _CapturedStep:
     def _capture(self, x: torch.Tensor, y: torch.Tensor, epoch: int) -> bool:
         self._load(x, y)
         seen_before, self.run.sums.seen = self.run.sums.seen, set()
-        graph = torch.cuda.CUDAGraph()
         try:
+            graph = torch.cuda.CUDAGraph()
             torch.cuda.synchronize(self.run.device)
             with self.optimizer, torch.cuda.graph(graph):
                 self.run.step(self.static_x, self.static_y, epoch, self.autocast)

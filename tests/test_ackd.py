@@ -245,7 +245,8 @@ def test_every_zoo_student_takes_learners_at_every_legal_placement_and_exports_t
     fresh = create_model(arch, 3)
     fresh.load_state_dict(exported, strict=True)
     assert exported.keys() == fresh.state_dict().keys()
-    assert count_parameters(fresh) == count_parameters(create_model(arch, 3))
+    # The export is the student the distiller trained, learners, attention and D left out.
+    assert count_parameters(fresh) == count_parameters(d.student) < sum(p.numel() for p in d.trainable_parameters())
     assert sum(exported[name].numel() for name, _ in fresh.named_parameters()) == count_parameters(fresh)
     d.eval()
     fresh.eval()
@@ -478,3 +479,70 @@ def test_an_interrupted_ackd_run_resumes_to_the_same_student(tmp_path: Path, tea
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
     for key, value in straight.student_state.items():
         torch.testing.assert_close(resumed.student_state[key], value, rtol=0, atol=1e-6)
+
+
+# --- the collaborative terms move each learner through its own logits only ---------------------------------------
+
+
+@pytest.mark.parametrize("student_target", ["aux_mean", "attention"])
+def test_auxiliaries_collaborative_terms_leave_the_students_last_stage_alone_but_train_the_attention(student_target):
+    d = build(distill_cfg(aux_placements=[1, 1], student_target=student_target, adv_weight=0.0))
+    x, _ = batch()
+    pooled, logits = d._learner_outputs(x)
+    targets = d.collaborative_targets(pooled, logits)
+    aux_collab = sum(kd_loss(logits[i], targets[:, i], d.temperature) for i in (1, 2))
+    last_stage = list(d.student.stages[-1].parameters()) + list(d.student.head.parameters())
+    projections = list(d.attention.parameters())
+    grads = torch.autograd.grad(aux_collab, last_stage + projections, allow_unused=True)
+    for grad in grads[: len(last_stage)]:
+        assert grad is None or torch.count_nonzero(grad) == 0  # no learner is moved through the attention
+    assert all(grad is not None and grad.abs().sum() > 0 for grad in grads[len(last_stage):])
+
+
+def test_without_detach_target_the_attention_moves_the_peers_as_okddip_does():
+    d = build(distill_cfg(aux_placements=[1, 1], student_target="attention", adv_weight=0.0, detach_target=False))
+    x, _ = batch()
+    pooled, logits = d._learner_outputs(x)
+    targets = d.collaborative_targets(pooled, logits)
+    aux_collab = sum(kd_loss(logits[i], targets[:, i], d.temperature) for i in (1, 2))
+    (grad,) = torch.autograd.grad(aux_collab, [d.student.head.fc.weight])
+    assert grad.abs().sum() > 0
+
+
+# --- the epoch's weights as device tensors -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("epoch", [0, 3, 7, 19])
+def test_device_tensor_weights_give_exactly_the_loss_of_python_float_weights(epoch):
+    """The loss the step builds with the epoch's weights in tensors, bit for bit the one built with floats."""
+    cfg = distill_cfg(ce=0.3, kd=0.7, aux_placements=[1, 2], collab_weight=1.5, collab_rampup_epochs=120.0,
+                      adv_weight=0.2, adv_warmup_epochs=60.0, aux_weight=0.5)
+    d = build(cfg, epochs=20)  # ramp over 10 epochs, adversary from epoch 5
+    x, y = batch()
+    _, loss, terms = d.forward_train(x, y, epoch=epoch)
+    collab_w, adv_w = d.collab_weight(epoch), d.adv_weight(epoch)
+    assert terms["collab_w"].item() == pytest.approx(collab_w, rel=1e-6)  # fp32 on the device
+    assert terms["adv_w"].item() == pytest.approx(adv_w, rel=1e-6)
+    assert ("adv_d" in terms) == (adv_w > 0)
+
+    def learner_loss(prefix: str) -> torch.Tensor:
+        total = 0.3 * terms[prefix + "ce"] + 0.7 * terms[prefix + "kd"]
+        total = total + collab_w * terms[prefix + "collab"]
+        if adv_w > 0:
+            total = total + adv_w * terms[prefix + "adv_g"]
+        return total
+
+    floats = learner_loss("") + 0.5 * torch.stack([learner_loss("aux1/"), learner_loss("aux2/")]).sum()
+    assert torch.equal(loss.detach(), floats)
+
+
+def test_epoch_weights_are_filled_in_place_once_per_epoch():
+    d = build(distill_cfg(aux_placements=[2], collab_rampup_epochs=240.0), epochs=20)
+    buffer = d.collab_w
+    x, y = batch()
+    d.forward_train(x, y, epoch=0)
+    first = buffer.item()
+    d.forward_train(x, y, epoch=10)
+    assert d.collab_w is buffer and buffer.item() > first  # the same tensor, refilled for the new epoch
+    assert buffer.item() == pytest.approx(d.collab_weight(10), rel=1e-6)
+    assert "collab_w" not in d.state_dict()  # recomputed per epoch, never checkpointed

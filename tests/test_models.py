@@ -4,6 +4,7 @@ Every registered model is walked on CPU with tiny batches so the file stays fast
 
 from __future__ import annotations
 
+import inspect
 from functools import cache
 
 import pytest
@@ -139,8 +140,11 @@ def test_fractional_widths_keep_grouped_convs_valid(name: str, width: float) -> 
         assert model(_input(name, batch=1)).shape == (1, NUM_CLASSES)
 
 
-def test_width_one_is_the_default() -> None:
-    assert count_parameters(create_model("resnet20", 100, width=1.0)) == count_parameters(create_model("resnet20", 100))
+def test_width_one_is_the_default_and_the_published_architecture() -> None:
+    assert inspect.signature(create_model).parameters["width"].default == 1.0
+    counts = {w: count_parameters(create_model("resnet20", 100, width=w)) for w in (0.5, 1.0, 2.0)}
+    assert counts[1.0] == EXPECTED_PARAMS["resnet20"]  # width 1.0 is RepDistiller's resnet20, not a scaled copy
+    assert counts[0.5] < counts[1.0] < counts[2.0]
 
 
 @pytest.mark.parametrize("name", ["resnet8", "wrn_16_1", "vgg8", "mobilenetv2", "shufflenetv1", "shufflenetv2"])

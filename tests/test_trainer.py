@@ -301,3 +301,74 @@ def test_output_dir_holds_config_result_and_a_loadable_student(tmp_path: Path) -
     loader = DeviceLoader(splits.val, 256, "cpu", splits.mean, splits.std)
     val_acc, _ = evaluate(fresh, loader, contextlib.nullcontext)
     assert val_acc == pytest.approx(result.final_val_acc)
+
+
+# --- a checkpoint belongs to its study, trial and code version ---------------------------------------------------
+
+
+def test_checkpoint_records_identity_and_version(tmp_path: Path) -> None:
+    from ackd_search import __version__
+
+    identity = {"study": "a", "storage": "sqlite:///a.db", "trial": 0}
+    cfg = run_config(tmp_path, "student", epochs=2, output_dir=tmp_path / "run", limit=200)
+    with pytest.raises(SimulatedCrash):
+        run_training(cfg, crash_after(1), identity=identity)
+    saved = torch.load(tmp_path / "run" / CHECKPOINT, weights_only=True)
+    assert saved["identity"] == identity and saved["version"] == __version__
+    resumed = run_training(cfg, identity=dict(identity))  # the same owner resumes
+    assert [h["epoch"] for h in resumed.history] == [1, 2]
+
+
+@pytest.mark.parametrize(("saved", "asked", "expected"), [
+    ({"study": "a", "storage": "sqlite:///a.db", "trial": 0}, {"study": "b", "storage": "sqlite:///a.db", "trial": 0},
+     "belongs to study 'a' (storage 'sqlite:///a.db', trial 0), not study 'b' (storage 'sqlite:///a.db', trial 0)"),
+    ({"study": "a", "storage": "sqlite:///a.db", "trial": 0}, {"study": "a", "storage": "sqlite:///b.db", "trial": 0},
+     "not study 'a' (storage 'sqlite:///b.db', trial 0)"),
+    ({"study": "a", "trial": 3}, None, "belongs to study 'a' (trial 3), not no study (a plain training run)"),
+    (None, {"study": "a", "trial": 3}, "belongs to no study (a plain training run), not study 'a' (trial 3)"),
+])
+def test_checkpoint_of_another_study_is_refused_in_one_line(tmp_path: Path, saved, asked, expected: str) -> None:
+    cfg = run_config(tmp_path, "student", epochs=2, output_dir=tmp_path / "run", limit=200)
+    with pytest.raises(SimulatedCrash):
+        run_training(cfg, crash_after(1), identity=saved)
+    with pytest.raises(CheckpointError) as info:
+        run_training(cfg, identity=asked)
+    message = str(info.value)
+    assert message.startswith(str(tmp_path / "run" / CHECKPOINT)) and expected in message
+    assert message.endswith("delete it or use a new runs folder") and "\n" not in message
+
+
+def test_checkpoint_of_another_code_version_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ackd_search.trainer as trainer_module
+
+    cfg = run_config(tmp_path, "student", epochs=2, output_dir=tmp_path / "run", limit=200)
+    with pytest.raises(SimulatedCrash):
+        run_training(cfg, crash_after(1))
+    written = trainer_module.__version__
+    monkeypatch.setattr(trainer_module, "__version__", "99.0")
+    with pytest.raises(CheckpointError, match=f"written by ackd-search {written}, this is 99.0; delete it"):
+        run_training(cfg)
+    state = torch.load(tmp_path / "run" / CHECKPOINT, weights_only=True)
+    del state["version"]  # a checkpoint from before versions were recorded
+    torch.save(state, tmp_path / "run" / CHECKPOINT)
+    with pytest.raises(CheckpointError, match=r"written by an older ackd-search \(no version recorded\)"):
+        run_training(cfg)
+
+
+def test_switching_cuda_graphs_does_not_orphan_a_checkpoint(tmp_path: Path) -> None:
+    cfg = run_config(tmp_path, "student", epochs=2, output_dir=tmp_path / "run", limit=200)
+    with pytest.raises(SimulatedCrash):
+        run_training(cfg, crash_after(1))
+    cfg.cuda_graphs = "off"  # how the step runs, not what it computes
+    assert [h["epoch"] for h in run_training(cfg).history] == [1, 2]
+
+
+def test_trainer_does_not_import_the_teachers_module() -> None:
+    import ast
+
+    import ackd_search.trainer as trainer_module
+
+    tree = ast.parse(Path(trainer_module.__file__).read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    assert "ackd_search.teachers" not in imported
