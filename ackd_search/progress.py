@@ -1,5 +1,8 @@
-"""What the user sees of a search: a line per finished trial, the running trial's epoch, and the closing summary
-(counts, best trials or the Pareto front, parameter importances)."""
+"""What the user sees of a search: the teacher's and the running trial's epochs, one line per finished trial (k of N,
+counts, best so far, elapsed and ETA), and the closing summary (counts, best trials or Pareto front, importances).
+
+On a terminal the running epoch is a tqdm bar on ONE line (so an interruption message printed after a newline is
+never glued to it); elsewhere (logs, CI, tests, local workers sharing a terminal) everything is plain lines."""
 
 from __future__ import annotations
 
@@ -7,48 +10,240 @@ import math
 import sys
 import time
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
+from tqdm import tqdm
 
-from ackd_search.objective import OBJECTIVE, one_line
-from ackd_search.space import Space
+if TYPE_CHECKING:
+    from ackd_search.space import Space
+
+CONFIRMS = "confirms"  # = objective.CONFIRMS; not imported, so teachers.py can import this module (no cycle)
+PLAIN_EPOCH_EVERY_S = 30.0  # off a terminal, an epoch line at most this often per run (and always the last epoch)
+_BAR_FORMAT = "{desc} {bar:12} {n_fmt}/{total_fmt} ep {postfix}"
+
+
+def clock(seconds: float | None) -> str:
+    """1:05, 1:02:03; '?' when unknown."""
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(max(0.0, seconds)))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+def _is_tty(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+class EpochBar:
+    """A reporter for one training run (`train(cfg, EpochBar(...))`): a one-line bar on a terminal, else a plain
+    line at most every `every_s` seconds and at the last epoch. Used for the teacher and for long final trainings."""
+
+    def __init__(self, desc: str, total: int, stream=None, every_s: float = PLAIN_EPOCH_EVERY_S,
+                 live: bool | None = None):
+        self.desc, self.total, self.stream, self.every_s = desc, total, stream or sys.stdout, every_s
+        self.live = _is_tty(self.stream) if live is None else live
+        self.started = time.perf_counter()
+        self.last_line = -math.inf
+        self.bar: tqdm | None = None
+
+    def __call__(self, epoch: int, metrics: dict[str, Any]) -> None:
+        text = f"val_acc {metrics['val_acc']:6.2f}" if "val_acc" in metrics else ""
+        if self.live:
+            if self.bar is None:
+                self.bar = tqdm(total=self.total, desc=self.desc, file=self.stream, leave=False,
+                                bar_format=_BAR_FORMAT, dynamic_ncols=True)
+            self.bar.set_postfix_str(text, refresh=False)
+            self.bar.update(epoch - self.bar.n)
+            if epoch >= self.total:
+                self.close()
+            return
+        now = time.perf_counter()
+        if epoch >= self.total or now - self.last_line >= self.every_s:
+            self.last_line = now
+            elapsed = now - self.started
+            eta = elapsed / epoch * (self.total - epoch) if epoch else None
+            self.stream.write(f"{self.desc}: epoch {epoch}/{self.total}  {text}  elapsed {clock(elapsed)} "
+                              f"eta {clock(eta)}\n")
+            self.stream.flush()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 class Progress:
-    """Terminal progress: one line per finished trial; the running trial's epoch on a live line when on a tty."""
+    """The search's progress. `start`, `epoch` and `trial_done` are called by the objective (or the Ray backend) and
+    by `study.optimize`'s callback. `study` and `total` (this run's n_trials) come from the caller when it has them;
+    without them N is the space's `study.n_trials` and a confirmation run is named once its trial is known."""
 
-    def __init__(self, space: Space, stream=None, prefix: str = ""):
-        self.space, self.stream, self.prefix = space, stream or sys.stdout, prefix
-        self.live = self.stream.isatty()
-        self.started: dict[int, float] = {}
+    def __init__(self, space: Space, stream=None, prefix: str = "", *, study: optuna.Study | None = None,
+                 total: int | None = None, timeout_s: float | None = None, every_s: float = PLAIN_EPOCH_EVERY_S,
+                 live: bool | None = None):
+        self.space, self.stream, self.prefix, self.study = space, stream or sys.stdout, prefix, study
+        # Local workers share one terminal: live lines of several processes would overwrite each other.
+        self.live = (_is_tty(self.stream) and not prefix) if live is None else live
+        self.total = total if total is not None else space.study.n_trials
+        self.timeout_s = timeout_s if timeout_s is not None else space.study.timeout_s
         self.epochs = int(space.base.get("optim", {}).get("epochs", 0))
+        self.every_s = every_s
+        self.run_started = time.perf_counter()
+        self.started: dict[int, float] = {}
+        self.running: dict[int, dict[str, Any]] = {}  # trial number -> kind, counter, label, epochs
+        self.search_started = 0  # search trials started in this run: "trial k/N"
+        self.done = {"search": 0, "confirm": 0}
+        self.last_line: dict[int, float] = {}
+        self.bar: tqdm | None = None
 
-    def _write(self, text: str) -> None:
-        self.stream.write(text)
-        self.stream.flush()
-
+    # --- called during a trial --------------------------------------------------------------------------------
     def start(self, number: int, values: dict[str, Any]) -> None:
         self.started[number] = time.perf_counter()
+        frozen = self._frozen(number)
+        attrs = frozen.user_attrs if frozen is not None else {}
+        confirming = CONFIRMS in attrs if frozen is not None else not values  # a confirmation run samples nothing
+        if confirming:
+            info = {"kind": "confirm", "counter": self._confirm_counter(running=True),
+                    "epochs": int(attrs.get("confirm_epochs", self.epochs))}
+        else:
+            self.search_started += 1
+            info = {"kind": "search", "counter": f"{self.search_started}/{self.total or '?'}", "epochs": self.epochs}
+        info["label"] = trial_label(attrs) if frozen is not None else ("confirm" if confirming else "")
+        info["method"] = values.get("distill.method") or attrs.get("method") or self._fixed_method()
+        self.running[number] = info
+        if self.live:
+            self._close_bar()
+            desc = f"{self.prefix}trial {info['counter']} #{number} {info['method']}{_bracket(info['label'])}"
+            self.bar = tqdm(total=info["epochs"] or None, desc=desc, file=self.stream, leave=False,
+                            bar_format=_BAR_FORMAT, dynamic_ncols=True)
 
     def epoch(self, number: int, epoch: int, metrics: dict[str, Any]) -> None:
-        if self.live:
-            total = f"/{self.epochs}" if self.epochs else ""
-            self._write(f"\r{self.prefix}  trial {number}: epoch {epoch}{total}  val_acc {metrics['val_acc']:6.2f}   ")
+        info = self.running.get(number, {"kind": "search", "label": "", "epochs": self.epochs})
+        fraction = epoch / info["epochs"] if info["epochs"] else 0.0
+        status = f"val_acc {metrics['val_acc']:6.2f} | {self._status(info['kind'], fraction)}"
+        if self.live and self.bar is not None:
+            self.bar.set_postfix_str(status, refresh=False)
+            self.bar.update(epoch - self.bar.n)
+            return
+        now = time.perf_counter()
+        if now - self.last_line.get(number, self.started.get(number, now)) < self.every_s:
+            return  # off a terminal a short trial shows only its finished line
+        self.last_line[number] = now
+        self._line(f"  #{number} epoch {epoch}/{info['epochs'] or '?'}{_bracket(info['label'])}  {status}")
 
     def trial_done(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        counts = state_counts(study)
-        elapsed = time.perf_counter() - self.started.pop(trial.number, time.perf_counter())
-        value = "" if trial.values is None else "value " + ", ".join(f"{v:.4g}" for v in trial.values)
-        reason = trial.user_attrs.get("fail_reason", "")
-        preset = trial.user_attrs.get("preset")
-        best = best_text(study)
-        line = (f"trial {trial.number:>3} {trial.state.name:<8} {value:<18} {elapsed:6.1f}s"
-                f"{' [' + preset + ']' if preset else ''}{'  ' + reason if reason else ''}"
-                f" | done {counts['COMPLETE']} pruned {counts['PRUNED']} failed {counts['FAIL']} | {best}")
-        self._write(("\r" if self.live else "") + self.prefix + line + "\n")
+        self.study = self.study or study
+        if self.bar is not None:
+            self._close_bar()
+        now = time.perf_counter()
+        began = self.started.pop(trial.number, None)
+        seconds = now - began if began is not None else (trial.duration.total_seconds() if trial.duration else 0.0)
+        info = self.running.pop(trial.number, None)
+        self.last_line.pop(trial.number, None)
+        a = trial.user_attrs
+        kind = "confirm" if CONFIRMS in a else "search"
+        if kind == "confirm":
+            counter = self._confirm_counter(running=False)
+        else:
+            if info is None:  # a duplicate of an earlier trial: answered without training, never started
+                self.search_started += 1
+            counter = info["counter"] if info else f"{self.search_started}/{self.total or '?'}"
+        self.done[kind] += 1
+        method = a.get("method") or trial.params.get("distill.method") or (info or {}).get("method") or ""
+        value = "-" if trial.values is None else ", ".join(_value(v) for v in trial.values)
+        reason = a.get("prune_reason") or a.get("fail_reason") or ""
+        line = (f"trial {counter:>7} #{trial.number:<4} {trial.state.name:<8} {value:>7} {seconds:6.1f}s "
+                f"{method:<4} {_bracket(trial_label(a)).strip():<26} | {self._status(kind, 0.0)}"
+                + (f" | {reason}" if reason else ""))
+        self._line(line)
 
+    def close(self) -> None:
+        """End a live line (before printing anything else, e.g. after an interruption)."""
+        self._close_bar()
+
+    # --- helpers ----------------------------------------------------------------------------------------------
+    def _line(self, text: str) -> None:
+        self.stream.write(self.prefix + text + "\n")
+        self.stream.flush()
+
+    def _close_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def _fixed_method(self) -> str:
+        method = self.space.base.get("distill", {}).get("method", "")
+        return method if isinstance(method, str) else ""
+
+    def _frozen(self, number: int) -> FrozenTrial | None:
+        if self.study is None:
+            return None
+        try:
+            storage, study_id = self.study._storage, self.study._study_id
+            return storage.get_trial(storage.get_trial_id_from_study_id_trial_number(study_id, number))
+        except Exception:  # a storage hiccup must never stop a trial for the sake of a progress line
+            return None
+
+    def _confirm_counter(self, running: bool) -> str:
+        if self.study is None:
+            return f"c{self.done['confirm'] + running}/?"
+        runs = [t for t in self.study.get_trials(deepcopy=False) if CONFIRMS in t.user_attrs
+                and not (t.state == TrialState.FAIL and t.user_attrs.get("interrupted"))]
+        finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL) for t in runs)
+        return f"c{finished + running}/{len(runs)}"
+
+    def _status(self, kind: str, fraction: float) -> str:
+        """Study counts, best search trial, this run's elapsed time and ETA (`fraction`: of the running trial)."""
+        elapsed = time.perf_counter() - self.run_started
+        parts = []
+        if self.study is not None:
+            counts = state_counts(self.study)
+            parts += [f"complete {counts['COMPLETE']} pruned {counts['PRUNED']} failed {counts['FAIL']}",
+                      best_text(self.study)]
+        return " | ".join(parts + [f"{clock(elapsed)} eta {clock(self._eta(kind, elapsed, fraction))}"])
+
+    def _eta(self, kind: str, elapsed: float, fraction: float) -> float | None:
+        done = self.done[kind] + fraction
+        if kind == "confirm":
+            remaining = None
+            if self.study is not None:
+                counter = self._confirm_counter(running=False)
+                finished, total = (int(x) for x in counter[1:].split("/"))
+                remaining = total - finished - fraction
+        else:
+            remaining = self.total - done if self.total else None
+        eta = elapsed / done * remaining if remaining is not None and done > 0 else None
+        if kind == "search" and self.timeout_s:
+            left = max(0.0, self.timeout_s - elapsed)
+            eta = left if eta is None else min(eta, left)
+        return eta
+
+
+def trial_label(attrs: dict[str, Any]) -> str:
+    """What a trial is besides a sampled point: a confirmation run, a preset, a duplicate, a resumed run."""
+    parts = []
+    if CONFIRMS in attrs:
+        parts.append(f"confirm {attrs[CONFIRMS]} seed {attrs.get('confirm_seed', '?')}")
+    elif attrs.get("preset"):
+        parts.append(str(attrs["preset"]))
+    if "duplicate_of" in attrs:
+        parts.append(f"= #{attrs['duplicate_of']}")
+    if "retry_of" in attrs:
+        parts.append(f"resumes #{attrs['retry_of']}")
+    return ", ".join(parts)
+
+
+def _bracket(label: str) -> str:
+    return f" [{label}]" if label else ""
+
+
+def _value(value: float) -> str:
+    return f"{value:.2f}" if abs(value) < 1e4 else f"{value:.3g}"
 
 
 def state_counts(study: optuna.Study) -> dict[str, int]:
@@ -58,24 +253,25 @@ def state_counts(study: optuna.Study) -> dict[str, int]:
     return counts
 
 
-
 def best_text(study: optuna.Study) -> str:
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    """The best SEARCH trial (a confirmation run retrains a candidate with another seed: not a new point)."""
+    from ackd_search.confirm import search_trials
+
+    complete = search_trials(study)
     if not complete:
         return "no complete trial yet"
     if len(study.directions) > 1:
         return f"Pareto front: {len(study.best_trials)} trials"
-    best = study.best_trial
-    return f"best #{best.number} {best.value:.2f}"
-
+    return f"best #{complete[0].number} {complete[0].values[0]:.2f}"
 
 
 def summary(study: optuna.Study, top: int = 5) -> str:
     """The closing table: counts, the best trials (or the Pareto front), and parameter importances."""
+    from ackd_search.confirm import confirmation_table, search_trials
+    from ackd_search.objective import OBJECTIVE
+
     counts = state_counts(study)
     lines = [f"study {study.study_name}: " + ", ".join(f"{k.lower()} {v}" for k, v in counts.items() if v)]
-    from ackd_search.confirm import confirmation_table, search_trials
-
     complete = search_trials(study)
     if not complete:
         return "\n".join(lines + ["no complete trial"])
@@ -97,22 +293,31 @@ def summary(study: optuna.Study, top: int = 5) -> str:
     return "\n".join(lines)
 
 
+def search_only_study(study: optuna.Study, complete: list[FrozenTrial]) -> optuna.Study:
+    """An in-memory copy holding only the complete search trials: confirmation runs have no parameters and would
+    empty the common search space of importance tools and plots."""
+    copy = optuna.create_study(directions=study.directions)
+    copy.add_trials(complete)
+    if study.metric_names:
+        with warnings.catch_warnings():  # set_metric_names is "experimental" in Optuna 5.0
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            copy.set_metric_names(study.metric_names)
+    return copy
+
 
 def importance_lines(study: optuna.Study, complete: list[FrozenTrial], minimum: int = 5) -> list[str]:
+    from ackd_search.objective import one_line
+
     if len(study.directions) > 1 or len(complete) < minimum:
         return [f"(parameter importances need >= {minimum} complete trials of a single-objective study)"]
     try:
-        # Over the search trials alone: confirmation runs have no parameters and would empty the common space.
-        search_only = optuna.create_study(directions=study.directions)
-        search_only.add_trials(complete)
         with warnings.catch_warnings():  # "few trials in a regime": the ranking below is all we claim
             warnings.simplefilter("ignore", UserWarning)
-            importances = optuna.importance.get_param_importances(search_only)
+            importances = optuna.importance.get_param_importances(search_only_study(study, complete))
     except Exception as err:  # e.g. every parameter constant so far
         return [f"(parameter importances unavailable: {one_line(err)})"]
     ranked = list(importances.items())[:8]
     return ["parameter importances (PED-ANOVA):"] + [f"  {v:6.3f}  {k}" for k, v in ranked]
-
 
 
 def _fmt(value: Any) -> str:
