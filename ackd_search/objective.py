@@ -153,6 +153,7 @@ def trial_objective(space: Space, paths: StudyPaths, progress: Any = None, sampl
         root = root_trial_number(trial)
         run_dir = paths.runs / f"trial-{root:05d}"
         cfg.output_dir = str(run_dir)
+        set_aside_foreign_checkpoint(trial, run_dir, trial_identity(trial, root))
         upload_config(trial, cfg, run_dir, paths)
         if progress is not None:
             progress.start(trial.number, values)
@@ -200,6 +201,24 @@ def _duplicate(trial: optuna.Trial, twin: FrozenTrial, space: Space):
     reason = f"same parameters as trial #{twin.number} ({twin.state.name}); not trained twice"
     trial.set_user_attr("prune_reason", reason)
     raise optuna.TrialPruned(reason)
+
+
+def set_aside_foreign_checkpoint(trial: optuna.Trial, run_dir: Path, identity: dict[str, Any]) -> None:
+    """A checkpoint in this trial's run folder that another study left there (a study deleted and started again
+    under the same name, another storage file) is never resumed: it is renamed, and the trial starts from scratch."""
+    from ackd_search.trainer import CheckpointError, check_owner, load_checkpoint
+
+    path = run_dir / CHECKPOINT
+    if not path.exists():
+        return
+    try:
+        check_owner(path, load_checkpoint(path), identity)
+        return
+    except CheckpointError as err:
+        reason = str(err)
+    aside = path.with_name(f"checkpoint.foreign-{int(time.time())}.pt")
+    path.rename(aside)
+    trial.set_user_attr("foreign_checkpoint", f"{reason.split(';')[0]}; moved to {aside.name}, not resumed")
 
 
 def student_cost(cfg: RunConfig) -> tuple[int, int]:
@@ -253,9 +272,16 @@ def upload_curve(trial: optuna.Trial, history: list[dict], run_dir: Path, paths:
         return
     run_dir.mkdir(parents=True, exist_ok=True)
     curve = run_dir / "curve.json"
-    curve.write_text(json.dumps(compact_history(history), indent=1))
+    compact = compact_history(history)
+    curve.write_text(json.dumps(compact, indent=1))
     upload_artifact(artifact_store=artifact_store(paths), file_path=str(curve), study_or_trial=trial,
                     mimetype="application/json")
+    try:  # the dashboard's readable view (note + loss-term plot); it never decides a trial's fate
+        from ackd_search.notes import annotate_trial, load_config
+
+        annotate_trial(trial, compact, load_config(trial, run_dir, paths), run_dir, paths)
+    except Exception as err:
+        trial.set_user_attr("note_error", one_line(err))
 
 
 

@@ -35,7 +35,9 @@ from ackd_search.objective import (
     compact_history,
     one_line,
     root_trial_number,
+    set_aside_foreign_checkpoint,
     trial_attrs,
+    trial_identity,
     upload_best_weights,
     upload_config,
     upload_curve,
@@ -104,7 +106,7 @@ def train_trial(config: dict[str, Any]) -> None:
     run_dir = Path(cfg.output_dir)
     reporter = TuneReporter(cfg.optim.epochs)
     try:
-        result = run_training(cfg, reporter)
+        result = run_training(cfg, reporter, identity=config.get("identity"))
     except Exception as err:
         if not isinstance(err, NonFiniteLossError):
             write_traceback(run_dir)
@@ -171,7 +173,9 @@ class StudySearch(OptunaSearch):
             config["error"] = one_line(err)
             return config
         upload_config(ot_trial, cfg, run_dir, self.paths)
+        set_aside_foreign_checkpoint(ot_trial, run_dir, trial_identity(ot_trial, root_trial_number(ot_trial)))
         config["run_config"] = json.dumps(to_dict(cfg))
+        config["identity"] = trial_identity(ot_trial, root_trial_number(ot_trial))
         return config
 
     # --- per-epoch results ----------------------------------------------------------------------------------

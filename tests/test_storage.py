@@ -116,3 +116,32 @@ def test_a_200_epoch_curve_with_four_learners_stores_on_mariadb(tmp_path: Path) 
         assert len(json.loads((tmp_path / "run" / "curve.json").read_text())) == 200
     finally:
         optuna.delete_study(study_name=name, storage=url)
+
+
+def test_a_deleted_studys_checkpoint_is_never_resumed(tmp_path: Path, teacher_cache: Path, monkeypatch) -> None:
+    """Run folders are named by trial number: a new study under the same name must not resume the old one's."""
+    import ackd_search.objective as objective_module
+    from ackd_search.study import run_search
+
+    data = tiny_space(tmp_path, teacher_cache=teacher_cache, n_trials=1)
+    space = load_space(write(tmp_path / "space.yaml", data))
+    real_call = objective_module.OptunaReporter.__call__
+
+    def stop_after_epoch_two(self, epoch, metrics):
+        real_call(self, epoch, metrics)
+        if epoch == 2:
+            raise KeyboardInterrupt("signal 2")
+
+    monkeypatch.setattr(objective_module.OptunaReporter, "__call__", stop_after_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        run_search(space, confirm=False)
+    monkeypatch.undo()
+    run_dir = tmp_path / "tiny-runs" / "trial-00000"
+    assert (run_dir / "checkpoint.pt").exists()
+    (tmp_path / "tiny.db").unlink()  # the user deletes the study and starts again
+    study = run_search(load_space(space.source), confirm=False)
+    first = study.trials[0]
+    assert "resumed_from_epoch" not in first.user_attrs
+    assert "not resumed" in first.user_attrs["foreign_checkpoint"]
+    assert sorted(first.intermediate_values) == [1, 2, 3, 4]  # trained from scratch
+    assert list(run_dir.glob("checkpoint.foreign-*.pt"))
