@@ -1,0 +1,206 @@
+"""A trial's readable view in optuna-dashboard: a short markdown note (the configuration that matters, the final
+loss terms, why it stopped) and a PNG of its loss terms and validation accuracy per epoch, as an image artifact."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.artifacts import upload_artifact
+from optuna_dashboard import save_note
+
+from ackd_search.objective import OBJECTIVE, StudyPaths, artifact_store
+from ackd_search.space import ACKD, ADVERSARY_KNOBS, ATTENTION_KNOBS, COLLAB_KNOBS, LEARNER_PARAM, TEACHER_KNOBS
+
+PLOT_NAME = "loss_terms.png"
+TRAINING_KNOBS = ("optim.epochs", "optim.batch_size", "optim.lr", "optim.weight_decay", "optim.schedule")
+ACKD_ORDER = ("aux_width", "aux_weight", "aggregation", "attn_reduction", "attn_self", "student_target",
+              "detach_target", "collab_weight", "collab_rampup_epochs", "adv_weight", "adv_warmup_epochs", "adv_real",
+              "adv_input", "d_lr")
+
+
+def annotate_trial(trial: optuna.Trial, history: list[dict[str, Any]], config_dict: dict[str, Any], run_dir: Path,
+                   paths: StudyPaths) -> None:
+    """Leave the note and upload the plot (`run_dir/loss_terms.png`) for `trial`, finished or stopped early."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    plot = run_dir / PLOT_NAME
+    if history:
+        plot_history(history, plot, f"trial #{trial.number}")
+        upload_artifact(artifact_store=artifact_store(paths), file_path=str(plot), study_or_trial=trial,
+                        mimetype="image/png")
+    save_note(trial, trial_note(trial.number, trial.user_attrs, trial.params, history, config_dict))
+
+
+def load_config(trial: optuna.Trial, run_dir: Path, paths: StudyPaths) -> dict[str, Any]:
+    """The trial's run config: `run_dir/config.json`, else its `config_artifact_id` artifact, else {}."""
+    path = run_dir / "config.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    artifact_id = trial.user_attrs.get("config_artifact_id")
+    if artifact_id:
+        with artifact_store(paths).open_reader(artifact_id) as reader:
+            return json.loads(reader.read())
+    return {}
+
+
+# --- the note ---------------------------------------------------------------------------------------------------
+
+
+def trial_note(number: int, attrs: dict[str, Any], params: dict[str, Any], history: list[dict[str, Any]],
+               config: dict[str, Any]) -> str:
+    distill = config.get("distill", {})
+    method = distill.get("method") or attrs.get("method") or params.get("distill.method") or "?"
+    last = history[-1] if history else {}
+    head = f"### Trial {number} · {method}"
+    if last:
+        head += f" · {OBJECTIVE} {last['val_acc']:.2f} after epoch {last['epoch']}"
+    lines = [head, ""]
+    context = _context(attrs)
+    if context:
+        lines += [context, ""]
+    lines += ["| setting | value |", "|---|---|"]
+    if config.get("student"):
+        lines.append(f"| student / teacher | {config['student']} / {config.get('teacher', {}).get('arch', '?')} |")
+    if method == "ackd":
+        lines.append(f"| learners | {learner_text(distill.get('ackd', {}).get('aux_placements'), params)} |")
+    for path, value in acting_knobs(config, params):
+        shown = _show(value)
+        lines.append(f"| `{path}` | {'**' + shown + '**' if path in params else shown} |")
+    lines += ["", "**bold**: searched in this trial; the others are fixed by the space or the method."]
+    if last.get("terms"):
+        lines += ["", f"Loss terms at epoch {last['epoch']} (train means; `{PLOT_NAME}` plots every epoch):", ""]
+        lines += terms_table(last["terms"])
+    return "\n".join(lines) + "\n"
+
+
+def terms_table(terms: dict[str, float]) -> list[str]:
+    """One row for the student's terms (and the discriminator's), one per auxiliary learner (`aux1/ce`, ...); the
+    schedule weights (`*_w`) on a line of their own."""
+    rows: dict[str, dict[str, float]] = {"student": {}}
+    weights = {}
+    for name, value in terms.items():
+        if name.endswith("_w"):
+            weights[name] = value
+        elif "/" in name:
+            learner, term = name.split("/", 1)
+            rows.setdefault(learner, {})[term] = value
+        else:
+            rows["student"][name] = value
+    columns = list(dict.fromkeys(["loss", *(term for row in rows.values() for term in row)]))
+    columns = [c for c in columns if any(c in row for row in rows.values())]
+    lines = ["| | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for label, row in rows.items():
+        lines.append(f"| {label} | " + " | ".join(f"{row[c]:.4g}" if c in row else "" for c in columns) + " |")
+    if weights:
+        lines += ["", "Schedule weights at that epoch: " + ", ".join(f"{k} {v:.4g}" for k, v in weights.items())]
+    return lines
+
+
+def _context(attrs: dict[str, Any]) -> str:
+    parts = []
+    if "confirms" in attrs:
+        parts.append(f"Confirmation run of **{attrs['confirms']}**, seed {attrs.get('confirm_seed')}, "
+                     f"{attrs.get('confirm_epochs')} epochs.")
+    elif attrs.get("preset"):
+        parts.append(f"Preset **{attrs['preset']}**.")
+    for key, text in (("prune_reason", "Pruned"), ("fail_reason", "Failed")):
+        if attrs.get(key):
+            parts.append(f"{text}: {attrs[key]}")
+    return " ".join(parts)
+
+
+def learner_text(placements: list[int] | None, params: dict[str, Any]) -> str:
+    """`3: after stage 1: 1, after stage 2: 2 (aux_placements [1, 2, 2])`: counts per branch point, and the list
+    the run config and `export` use. Branch points searched with 0 learners are listed too."""
+    if placements is None:
+        return "reference (3 before the last stage)"
+    counts = Counter(placements)
+    prefix, suffix = LEARNER_PARAM.split("{}")
+    for name in params:
+        if name.startswith(prefix) and name.endswith(suffix):
+            counts.setdefault(int(name[len(prefix):len(name) - len(suffix)]), 0)
+    per_point = ", ".join(f"after stage {k}: {counts[k]}" for k in sorted(counts)) or "none"
+    return f"{len(placements)}: {per_point} (aux_placements {list(placements)})"
+
+
+def acting_knobs(config: dict[str, Any], params: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The config paths that change training for this method and learner structure (the rules of space.acts)."""
+    distill = config.get("distill", {})
+    method = distill.get("method")
+    knobs = [(path, _get(config, path)) for path in TRAINING_KNOBS]
+    if method in ("kd", "ackd"):
+        knobs += [(path, _get(config, path)) for path in sorted(TEACHER_KNOBS)]
+    if method != "ackd":
+        return [(p, v) for p, v in knobs if v is not None]
+    ackd = distill.get("ackd", {})
+    placements = ackd.get("aux_placements")
+    n_learners = 3 if placements is None else len(placements)
+    adversary = ackd.get("adv_weight", 0) > 0 and not (n_learners == 0 and ackd.get("adv_real") == "ensemble")
+    for name in ACKD_ORDER:
+        path = ACKD + name
+        if ((path in COLLAB_KNOBS and n_learners == 0)
+                or (path in ATTENTION_KNOBS and ackd.get("aggregation") != "attention")
+                or (path in ADVERSARY_KNOBS and not adversary)
+                or (path == ACKD + "adv_real" and n_learners == 0)):
+            continue
+        knobs.append((path, ackd.get(name)))
+    return [(p, v) for p, v in knobs if v is not None]
+
+
+def _get(config: dict[str, Any], path: str) -> Any:
+    node: Any = config
+    for key in path.split("."):
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    return node
+
+
+def _show(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+# --- the plot ---------------------------------------------------------------------------------------------------
+
+
+def plot_history(history: list[dict[str, Any]], path: Path, title: str) -> Path:
+    """Loss terms per epoch (left) and validation accuracy per epoch (right), as a PNG. No pyplot: no global state,
+    no display needed, safe in worker processes."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    epochs = [h["epoch"] for h in history]
+    figure = Figure(figsize=(10, 3.6), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    losses, accuracy = figure.subplots(1, 2, width_ratios=(3, 2))
+    for label, series, style in _loss_series(history):
+        losses.plot(epochs, series, style, marker=".", label=label, linewidth=2.2 if label == "loss" else 1.2)
+    losses.set(title=f"{title}: loss terms (train mean)", xlabel="epoch")
+    if losses.lines:
+        losses.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    accuracy.plot(epochs, [h["val_acc"] for h in history], marker=".", color="tab:green")
+    accuracy.set(title=f"{OBJECTIVE} (%)", xlabel="epoch")
+    for axes in (losses, accuracy):
+        axes.grid(alpha=0.3)
+        axes.xaxis.get_major_locator().set_params(integer=True)
+    figure.savefig(path, format="png")
+    return path
+
+
+def _loss_series(history: list[dict[str, Any]]) -> list[tuple[str, list[float], str]]:
+    """The student's terms (solid) and each learner term averaged over the learners (dashed); weights left out."""
+    nan = float("nan")
+    student = list(dict.fromkeys(n for h in history for n in h.get("terms", {}) if "/" not in n and
+                                 not n.endswith("_w")))
+    learner_terms = list(dict.fromkeys(n.split("/", 1)[1] for h in history for n in h.get("terms", {}) if "/" in n))
+    series = [(name, [h.get("terms", {}).get(name, nan) for h in history], "-") for name in student]
+    for term in learner_terms:
+        values = []
+        for h in history:
+            found = [v for n, v in h.get("terms", {}).items() if "/" in n and n.split("/", 1)[1] == term]
+            values.append(sum(found) / len(found) if found else nan)
+        series.append((f"learners {term} (mean)", values, "--"))
+    return series

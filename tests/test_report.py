@@ -1,0 +1,76 @@
+"""`report` and the dashboard's per-trial view, on a tiny finished study: the files `write_report` writes, the
+note and loss-term plot every finished trial carries, and what the search printed (plain lines off a terminal)."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna_dashboard._note import get_note_from_system_attrs
+from tiny_space import tiny_space, write
+
+from ackd_search.cli import main
+from ackd_search.notes import PLOT_NAME
+from ackd_search.report import write_report
+from ackd_search.space import load_space
+from ackd_search.study import quiet_optuna, run_search
+
+quiet_optuna()
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> tuple[Path, optuna.Study, str]:
+    tmp = tmp_path_factory.mktemp("report")
+    data = tiny_space(tmp, n_trials=3, confirm={"top_k": 1, "seeds": 2, "epochs": 2, "presets": ["kd"]})
+    path = write(tmp / "space.yaml", data)
+    printed = io.StringIO()
+    study = run_search(load_space(path), stream=printed)
+    return path, study, printed.getvalue()
+
+
+def test_report_writes_plots_tables_and_a_csv_row_per_trial(finished, tmp_path: Path) -> None:
+    _, study, _ = finished
+    written = write_report(study, tmp_path / "out", log=lambda text: None)
+    names = {p.name for p in written}
+    assert {"trials.csv", "summary.txt", "confirmation.md", "history.png", "importances.png"} <= names
+    assert "pareto.png" not in names  # one objective
+    assert all(p.is_file() and p.stat().st_size > 0 for p in written)
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in written if p.suffix == ".png")
+    with open(tmp_path / "out" / "trials.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(study.trials) and "value_val_acc" in rows[0]
+    assert "confirmation over seeds" in (tmp_path / "out" / "confirmation.md").read_text()
+
+
+def test_report_command_writes_into_out_and_lists_the_files(finished, tmp_path: Path, capsys) -> None:
+    space_file, _, _ = finished
+    assert main(["report", "--space", str(space_file), "--out", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    assert f"{tmp_path / 'r' / 'trials.csv'}" in out and (tmp_path / "r" / "history.png").is_file()
+
+
+def test_every_trained_trial_has_a_note_and_a_loss_terms_png(finished) -> None:
+    space_file, study, _ = finished
+    storage = study._storage
+    system_attrs = storage.get_study_system_attrs(study._study_id)
+    trained = [t for t in study.trials if "duplicate_of" not in t.user_attrs]
+    assert trained
+    for trial in trained:
+        note = get_note_from_system_attrs(system_attrs, trial._trial_id)["body"]
+        assert note.startswith(f"### Trial {trial.number} · ") and "| `optim.lr` |" in note
+        assert "Loss terms at epoch" in note and "| student |" in note
+        metas = optuna.artifacts.get_all_artifact_meta(trial, storage=storage)
+        assert any(m.filename == PLOT_NAME and m.mimetype == "image/png" for m in metas)
+        assert "note_error" not in trial.user_attrs
+
+
+def test_the_search_printed_plain_lines_with_k_of_n_and_labelled_confirmations(finished) -> None:
+    _, _, printed = finished
+    assert "\r" not in printed
+    lines = [line for line in printed.splitlines() if line.startswith("trial ")]
+    assert any("1/3" in line for line in lines) and any("3/3" in line for line in lines)
+    assert any("[confirm kd seed 1]" in line for line in lines)
+    assert all(" | complete " in line and " eta " in line for line in lines)
