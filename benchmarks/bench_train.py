@@ -7,6 +7,11 @@ Teacher resnet32x4 (eval, no grad) -> student resnet8x4 on CIFAR-100-shaped rand
   project-ackd  the same epoch with the ACKD distiller, two auxiliary learners before the last stage ([2, 2])
 
     python benchmarks/bench_train.py [--device cuda|cpu] [--steps N] [--batch-size 64] [--out FILE] [--compile]
+                                     [--cuda-graphs]
+
+With --cuda-graphs the project rows run `train`'s captured step (`run.cuda_graphs: on`: the step captured as one CUDA
+graph after a short eager warm-up, replayed for every full batch); without it they run eagerly (`off`). Without CUDA
+the captured rows are not measured and say so.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from torchvision import transforms
 from ackd_search.config import AckdConfig, DistillConfig, OptimConfig, RunConfig, TeacherConfig, kd_distill
 from ackd_search.data import Augment, DataSplits, TensorSplit, channel_stats
 from ackd_search.models import create_model
-from ackd_search.trainer import _Run, autocast_for, describe_device, resolve_device
+from ackd_search.trainer import _CapturedStep, _Run, autocast_for, describe_device, resolve_device
 
 TEACHER, STUDENT, NUM_CLASSES, IMAGE_SIZE = "resnet32x4", "resnet8x4", 100, 32
 ROWS = ("reference", "project-kd", "project-ackd")
@@ -67,19 +72,31 @@ def project_config(method: str, args: argparse.Namespace) -> RunConfig:
     if method == "ackd":
         distill = DistillConfig(method="ackd", ackd=AckdConfig(aux_placements=[2, 2]))
     return RunConfig(student=STUDENT, optim=OptimConfig(epochs=1, batch_size=args.batch_size, lr=LR),
-                     teacher=TeacherConfig(arch=TEACHER), distill=distill, device=args.device, compile=args.compile)
+                     teacher=TeacherConfig(arch=TEACHER), distill=distill, device=args.device, compile=args.compile,
+                     cuda_graphs="on" if args.cuda_graphs else "off")
+
+
+def project_run(method: str, splits: DataSplits, args: argparse.Namespace) -> _Run:
+    teacher = create_model(TEACHER, NUM_CLASSES)
+    return _Run(project_config(method, args), None, splits=splits, teacher=teacher, teacher_info={"arch": TEACHER})
+
+
+def shaped_splits(train: TensorSplit, other: TensorSplit) -> DataSplits:
+    mean, std = channel_stats(train.x)
+    return DataSplits(name="cifar100-shaped-random", train=train, val=other, test=other, num_classes=NUM_CLASSES,
+                      in_channels=3, image_size=IMAGE_SIZE, mean=mean, std=std, augment=Augment(pad=4, flip=True))
 
 
 def time_project(method: str, warm: TensorSplit, timed: TensorSplit, args: argparse.Namespace) -> float:
-    """Seconds for one training epoch of `timed` (args.steps batches) after a warm-up epoch of `warm`."""
-    mean, std = channel_stats(timed.x)
-    splits = DataSplits(name="cifar100-shaped-random", train=timed, val=warm, test=warm, num_classes=NUM_CLASSES,
-                        in_channels=3, image_size=IMAGE_SIZE, mean=mean, std=std, augment=Augment(pad=4, flip=True))
-    teacher = create_model(TEACHER, NUM_CLASSES)
-    run = _Run(project_config(method, args), None, splits=splits, teacher=teacher, teacher_info={"arch": TEACHER})
+    """Seconds for one training epoch of `timed` (args.steps batches) after a warm-up epoch of `warm` (which also
+    captures the step with --cuda-graphs)."""
+    run = project_run(method, shaped_splits(timed, warm), args)
     timed_loader = run.train_loader
     run.train_loader = run._loader(warm, shuffle=True)  # the same loader the trainer builds, over the warm-up images
-    run.train_epoch(0)  # warm-up: allocator, cuDNN autotuning, torch.compile
+    run.train_epoch(0)  # warm-up: allocator, cuDNN autotuning, torch.compile, CUDA graph capture
+    if args.cuda_graphs and run.graphs_status != "captured":
+        print(f"{method}: {run.graphs_status}", file=sys.stderr)
+    args.graphs_status[method] = run.graphs_status
     run.train_loader = timed_loader
     synchronize(run.device)
     start = time.perf_counter()
@@ -157,6 +174,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads in the training process (default: torch's own choice)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the project path (meant for CUDA)")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="project rows run the captured step (run.cuda_graphs: on); CUDA only")
     parser.add_argument("--out", type=Path, default=None, help="JSON (default benchmarks/results/train-<dev>.json)")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
@@ -166,9 +185,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.warmup = args.warmup if args.warmup is not None else (20 if cuda else 2)
     args.num_workers = args.num_workers if args.num_workers is not None else (8 if cuda else 2)
     args.rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    args.graphs_status = {}
+    args.not_measured = []
+    if args.cuda_graphs and not cuda:
+        args.not_measured = [r for r in args.rows if r.startswith("project-")]
+        args.rows = [r for r in args.rows if r not in args.not_measured]
     unknown = sorted(set(args.rows) - set(ROWS))
     if unknown:
         parser.error(f"unknown rows {unknown}; allowed: {', '.join(ROWS)}")
+    if args.cuda_graphs and cuda:  # the warm-up epoch must hold the eager warm-up steps and the capture
+        args.warmup = max(args.warmup, _CapturedStep.WARMUP_STEPS + 1)
     if min(args.steps, args.warmup, args.batch_size, args.repeats) < 1:
         parser.error("--steps, --warmup, --batch-size and --repeats must be >= 1")
     args.out = args.out or Path(__file__).parent / "results" / f"train-{device.type}.json"
@@ -177,6 +203,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run_rows(args: argparse.Namespace) -> list[Row]:
     device = torch.device(args.device)
+    if not args.rows:
+        return []
     warm = random_images(args.warmup * args.batch_size, seed=1)
     timed = random_images(args.steps * args.batch_size, seed=2)
     images = TensorSplit(torch.cat([warm.x, timed.x]), torch.cat([warm.y, timed.y]))
@@ -221,6 +249,9 @@ def report(args: argparse.Namespace, rows: list[Row], load_before: tuple[float, 
         "project_bf16_autocast": autocast_for(project, device) is not contextlib.nullcontext,
         "project_channels_last": project.channels_last and device.type == "cuda",
         "compile": args.compile,
+        "cuda_graphs": args.cuda_graphs,
+        "cuda_graphs_status": args.graphs_status,
+        "not_measured": {row: "no CUDA" for row in args.not_measured},
         "load_average_before": [round(v, 2) for v in load_before],
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "rows": [asdict(r) for r in rows],
@@ -246,6 +277,8 @@ def main(argv: list[str] | None = None) -> None:
         ratio = f"{row.ratio:.2f}x" if row.ratio is not None else "-"
         runs = ", ".join(f"{v:.1f}" for v in row.images_per_s_runs)
         print(f"{row.path:<14} {row.images_per_s:>10.1f} {row.step_ms:>9.1f} {ratio:>13}   {runs}")
+    for name in args.not_measured:
+        print(f"{name:<14} not measured: no CUDA")
     print(f"wrote {args.out}")
 
 
