@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 CONFIRMS = "confirms"  # = objective.CONFIRMS; not imported, so teachers.py can import this module (no cycle)
 PLAIN_EPOCH_EVERY_S = 30.0  # off a terminal, an epoch line at most this often per run (and always the last epoch)
-_BAR_FORMAT = "{desc} {bar:12} {n_fmt}/{total_fmt} ep {postfix}"
+_BAR_FORMAT = "{desc} {bar:12} {n_fmt}/{total_fmt} ep{postfix}"  # tqdm prefixes a postfix with ", "
 
 
 def clock(seconds: float | None) -> str:
