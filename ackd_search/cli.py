@@ -107,6 +107,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:
         close = difflib.get_close_matches(argv[0], list(COMMANDS), n=1, cutoff=0.6)
         hint = f"did you mean {close[0]!r}?" if close else f"commands: {', '.join(COMMANDS)}"
+        if argv[0].endswith((".yaml", ".yml")):
+            hint = f"did you mean --space {argv[0]}?"
         parser.exit(2, f"error: unknown command {argv[0]!r}; {hint}\n")
     if not argv or argv[0] not in (*COMMANDS, "-h", "--help", "--version"):
         argv = ["search", *argv]  # `search.py --space x` means `search.py search --space x`

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-import sqlalchemy
 from optuna.artifacts import FileSystemArtifactStore, download_artifact
 from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.trial import FrozenTrial, TrialState
@@ -23,27 +22,17 @@ from ackd_search.config import AckdConfig, OptimConfig, RunConfig, from_dict, sa
 from ackd_search.errors import UsageError
 from ackd_search.objective import StudyPaths
 from ackd_search.space import LEARNER_PARAM, Space
-from ackd_search.storage import StudyError, existing_study, make_storage, safe_url
+from ackd_search.storage import StudyError, existing_study, make_storage, safe_url, sqlite_path
 
 CONFIG_ARTIFACT_ATTR = "config_artifact_id"  # user attr: the id of the trial's `config.json` artifact
 CONFIG_ATTR = "config"  # user attr of studies made before the config moved into an artifact
 
 
-def _sqlite_file(url: str) -> Path | None:
-    try:
-        parsed = sqlalchemy.engine.make_url(url)
-    except Exception:
-        return None  # make_storage says what is wrong with the URL
-    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
-        return None
-    return Path(parsed.database)
-
-
 def load_existing_study(space: Space, storage_url: str | None = None) -> optuna.Study:
     """The space's study, read only: an SQLite file that is not there is reported, never created empty."""
     url = storage_url or space.storage_url
-    db = _sqlite_file(url)
-    if db is not None and not db.is_file():
+    db = sqlite_path(url)
+    if db is not None and not db.exists():
         raise StudyError(f"no study {space.study.name!r}: {db} does not exist; run the search first")
     storage = make_storage(space, url)
     study = existing_study(storage, space.study.name)

@@ -45,7 +45,9 @@ def slow_space(tmp_path: Path, teacher_cache: Path, **study) -> Path:
 
 
 def start_search(space_file: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(ROOT / "search.py"), "--space", str(space_file), *extra],
+    # Without the confirmation stage: these tests count the search's own trials.
+    return subprocess.Popen([sys.executable, str(ROOT / "search.py"), "--space", str(space_file), "--no-confirm",
+                             *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
 
 
@@ -149,7 +151,7 @@ def test_non_finite_loss_stops_that_trial_only(tmp_path: Path, teacher_cache: Pa
 
     monkeypatch.setattr(KD, "forward_train", diverging)
     monkeypatch.setattr(trainer_module._Run, "__init__", remember_lr)
-    study = run_search(space)
+    study = run_search(space, confirm=False)
     blown, fine = study.trials
     assert blown.state == TrialState.PRUNED
     assert "non-finite at epoch 2" in blown.user_attrs["fail_reason"]
@@ -168,7 +170,7 @@ def test_out_of_memory_fails_that_trial_only(tmp_path: Path, teacher_cache: Path
         return real_train(cfg, reporter, **identity)
 
     monkeypatch.setattr(objective_module, "run_training", flaky_train)
-    study = run_search(space)
+    study = run_search(space, confirm=False)
     states = [t.state for t in study.trials]
     assert states[0] == TrialState.FAIL and states[1:] == [TrialState.COMPLETE] * 2
     assert study.trials[0].user_attrs["fail_reason"].startswith("OutOfMemoryError: CUDA out of memory")
@@ -210,7 +212,7 @@ def _broken(tmp_path: Path, teacher_cache: Path) -> dict[str, dict | str]:
 def test_bad_input_is_one_line_nonzero_and_leaves_the_study_untouched(tmp_path: Path, teacher_cache: Path) -> None:
     cases = _broken(tmp_path, teacher_cache)
     good = write(tmp_path / "good.yaml", cases.pop("good"))
-    run_search(load_space(good))
+    run_search(load_space(good), confirm=False)
     db = tmp_path / "tiny.db"
     before = _sha(db)
     for label, content in cases.items():
