@@ -19,7 +19,7 @@ from ackd_search.config import load_run_config, to_dict
 from ackd_search.export import export_config, load_trial_config
 from ackd_search.objective import StudyPaths
 from ackd_search.space import Space, load_space
-from ackd_search.storage import make_storage
+from ackd_search.storage import StudyError, make_storage
 from ackd_search.study import open_study, quiet_optuna
 
 quiet_optuna()
@@ -179,3 +179,18 @@ def test_export_refuses_to_overwrite_unless_forced(made, tmp_path: Path, capsys)
     assert sha(out) == before
     assert run_cli(["export", "--space", str(path), "--out", str(out), "--force"], capsys)[0] == 0
     assert "# my notes" not in out.read_text()
+
+
+def test_a_trial_without_a_stored_config_is_rebuilt_only_after_the_space_check(made, tmp_path: Path) -> None:
+    space, study, _, data = made
+    bare = study.trials[1]
+    bare = optuna.trial.create_trial(params=bare.params, distributions=bare.distributions, value=bare.value)
+    study.add_trial(bare)
+    bare = study.trials[-1]
+    cfg = export_config(space, bare, study=study)
+    assert cfg == export_config(space, study.trials[1], study=study)  # the same point, rebuilt from the space
+    with pytest.raises(StudyError, match="stored no config"):
+        export_config(space, bare)  # no study: the space cannot be checked
+    data["run"]["optim"]["batch_size"] = 128
+    with pytest.raises(StudyError, match="created from a different space"):
+        export_config(load_space(write(tmp_path / "edited.yaml", data)), bare, study=study)
