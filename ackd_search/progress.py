@@ -10,6 +10,7 @@ import math
 import sys
 import time
 import warnings
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import optuna
@@ -22,6 +23,24 @@ if TYPE_CHECKING:
 CONFIRMS = "confirms"  # = objective.CONFIRMS; not imported, so teachers.py can import this module (no cycle)
 PLAIN_EPOCH_EVERY_S = 30.0  # off a terminal, an epoch line at most this often per run (and always the last epoch)
 _BAR_FORMAT = "{desc} {bar:12} {n_fmt}/{total_fmt} ep{postfix}"  # tqdm prefixes a postfix with ", "
+
+
+_OPEN_BARS: weakref.WeakSet[tqdm] = weakref.WeakSet()  # live lines on screen now (see end_live_lines)
+
+
+def end_live_lines() -> None:
+    """Keep every live line on screen as it stands and end it with a newline, so that what is printed next (the
+    interruption message) starts on a line of its own. Call it where KeyboardInterrupt is caught."""
+    for bar in list(_OPEN_BARS):
+        bar.leave = True
+        bar.close()
+    _OPEN_BARS.clear()
+
+
+def _open_bar(**kwargs: Any) -> tqdm:
+    bar = tqdm(leave=False, bar_format=_BAR_FORMAT, dynamic_ncols=True, **kwargs)
+    _OPEN_BARS.add(bar)
+    return bar
 
 
 def clock(seconds: float | None) -> str:
@@ -56,8 +75,7 @@ class EpochBar:
         text = f"val_acc {metrics['val_acc']:6.2f}" if "val_acc" in metrics else ""
         if self.live:
             if self.bar is None:
-                self.bar = tqdm(total=self.total, desc=self.desc, file=self.stream, leave=False,
-                                bar_format=_BAR_FORMAT, dynamic_ncols=True)
+                self.bar = _open_bar(total=self.total, desc=self.desc, file=self.stream)
             self.bar.set_postfix_str(text, refresh=False)
             self.bar.update(epoch - self.bar.n)
             if epoch >= self.total:
@@ -74,6 +92,7 @@ class EpochBar:
 
     def close(self) -> None:
         if self.bar is not None:
+            _OPEN_BARS.discard(self.bar)
             self.bar.close()
             self.bar = None
 
@@ -119,8 +138,7 @@ class Progress:
         if self.live:
             self._close_bar()
             desc = f"{self.prefix}trial {info['counter']} #{number} {info['method']}{_bracket(info['label'])}"
-            self.bar = tqdm(total=info["epochs"] or None, desc=desc, file=self.stream, leave=False,
-                            bar_format=_BAR_FORMAT, dynamic_ncols=True)
+            self.bar = _open_bar(total=info["epochs"] or None, desc=desc, file=self.stream)
 
     def epoch(self, number: int, epoch: int, metrics: dict[str, Any]) -> None:
         info = self.running.get(number, {"kind": "search", "label": "", "epochs": self.epochs})
@@ -173,6 +191,7 @@ class Progress:
 
     def _close_bar(self) -> None:
         if self.bar is not None:
+            _OPEN_BARS.discard(self.bar)
             self.bar.close()
             self.bar = None
 

@@ -11,7 +11,7 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 from tiny_space import tiny_space, write
 
-from ackd_search.progress import EpochBar, Progress, clock
+from ackd_search.progress import EpochBar, Progress, clock, end_live_lines
 from ackd_search.space import load_space
 from ackd_search.study import quiet_optuna
 
@@ -108,3 +108,14 @@ def test_epoch_bar_prints_plain_epoch_lines_with_eta_off_a_terminal() -> None:
 
 def test_clock_formats_minutes_and_hours() -> None:
     assert (clock(65), clock(3723), clock(None)) == ("1:05", "1:02:03", "?")
+
+
+def test_an_interruption_keeps_the_live_line_and_ends_it_with_a_newline(tmp_path: Path) -> None:
+    stream = Tty()
+    study, progress = make(tmp_path, stream)
+    study.add_trial(create_trial(state=TrialState.RUNNING, params={}, distributions={}))
+    progress.start(0, {"optim.lr": 0.01})
+    progress.epoch(0, 2, {"val_acc": 52.0, "terms": {}})
+    end_live_lines()  # what the command line does when it catches KeyboardInterrupt
+    out = stream.getvalue()
+    assert out.endswith("\n") and "2/4 ep" in out.rpartition("\r")[2]  # the last state stays, then a newline
