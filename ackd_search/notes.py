@@ -46,6 +46,24 @@ def load_config(trial: optuna.Trial, run_dir: Path, paths: StudyPaths) -> dict[s
     return {}
 
 
+def annotate_study(study: optuna.Study) -> None:
+    """The study's note (the dashboard's study page): which trials are the search and which are confirmation runs,
+    the best search trial and the confirmation table. The dashboard's own "Best Trial", history and importance count
+    confirmation runs (no parameters) as trials; this note says which is which."""
+    from ackd_search.confirm import confirmation_table, search_trials
+
+    best = search_trials(study)
+    confirms = [t.number for t in study.get_trials(deepcopy=False) if "confirms" in t.user_attrs]
+    lines = [f"### {study.study_name}", ""]
+    if best:
+        lines.append(f"Best search trial: **#{best[0].number}**, {OBJECTIVE} {best[0].values[0]:.2f}.")
+    if confirms:
+        lines += [f"Confirmation runs (user attribute `confirms`, no parameters): trials #{min(confirms)}–"
+                  f"#{max(confirms)}; the dashboard's *Best Trial* and importances count them too.", "",
+                  "```", *confirmation_table(study), "```"]
+    save_note(study, "\n".join(lines) + "\n")
+
+
 # --- the note ---------------------------------------------------------------------------------------------------
 
 

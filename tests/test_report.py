@@ -9,11 +9,13 @@ from pathlib import Path
 
 import optuna
 import pytest
+from optuna_dashboard import get_note
 from optuna_dashboard._note import get_note_from_system_attrs
 from tiny_space import tiny_space, write
 
 from ackd_search.cli import main
-from ackd_search.notes import PLOT_NAME
+from ackd_search.confirm import search_trials
+from ackd_search.notes import PLOT_NAME, annotate_study
 from ackd_search.report import write_report
 from ackd_search.space import load_space
 from ackd_search.study import quiet_optuna, run_search
@@ -74,3 +76,10 @@ def test_the_search_printed_plain_lines_with_k_of_n_and_labelled_confirmations(f
     assert any("1/3" in line for line in lines) and any("3/3" in line for line in lines)
     assert any("[confirm kd seed 1]" in line for line in lines)
     assert all(" | complete " in line and " eta " in line for line in lines)
+
+
+def test_the_study_note_tells_search_trials_from_confirmation_runs(finished) -> None:
+    _, study, _ = finished
+    annotate_study(study)
+    note = get_note(study)
+    assert f"Best search trial: **#{search_trials(study)[0].number}**" in note and "confirmation over seeds" in note
