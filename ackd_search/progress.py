@@ -173,7 +173,8 @@ class Progress:
             counter = info["counter"] if info else f"{self.search_started}/{self.total or '?'}"
         self.done[kind] += 1
         method = a.get("method") or trial.params.get("distill.method") or (info or {}).get("method") or ""
-        value = "-" if trial.values is None else ", ".join(_value(v) for v in trial.values)
+        value = "-" if trial.values is None else ", ".join(
+            [f"{trial.values[0]:.2f}"] + [f"{v:.4g}" for v in trial.values[1:]])  # val_acc, then a cost
         reason = a.get("prune_reason") or a.get("fail_reason") or ""
         line = (f"trial {counter:>7} #{trial.number:<4} {trial.state.name:<8} {value:>7} {seconds:6.1f}s "
                 f"{method:<4} {_bracket(trial_label(a)).strip():<26} | {self._status(kind, 0.0)}"
@@ -259,10 +260,6 @@ def trial_label(attrs: dict[str, Any]) -> str:
 
 def _bracket(label: str) -> str:
     return f" [{label}]" if label else ""
-
-
-def _value(value: float) -> str:
-    return f"{value:.2f}" if abs(value) < 1e4 else f"{value:.3g}"
 
 
 def state_counts(study: optuna.Study) -> dict[str, int]:
