@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 CONFIRMS = "confirms"  # = objective.CONFIRMS; not imported, so teachers.py can import this module (no cycle)
 PLAIN_EPOCH_EVERY_S = 30.0  # off a terminal, an epoch line at most this often per run (and always the last epoch)
 _BAR_FORMAT = "{desc} {bar:12} {n_fmt}/{total_fmt} ep{postfix}"  # tqdm prefixes a postfix with ", "
+_RUN_FORMAT = "{desc} {bar:12} {n_fmt}/{total_fmt} ep [{elapsed}<{remaining}]{postfix}"  # one run: tqdm's own ETA
 
 
 _OPEN_BARS: weakref.WeakSet[tqdm] = weakref.WeakSet()  # live lines on screen now (see end_live_lines)
@@ -37,8 +38,8 @@ def end_live_lines() -> None:
     _OPEN_BARS.clear()
 
 
-def _open_bar(**kwargs: Any) -> tqdm:
-    bar = tqdm(leave=False, bar_format=_BAR_FORMAT, dynamic_ncols=True, **kwargs)
+def _open_bar(bar_format: str = _BAR_FORMAT, **kwargs: Any) -> tqdm:
+    bar = tqdm(leave=False, bar_format=bar_format, dynamic_ncols=True, **kwargs)
     _OPEN_BARS.add(bar)
     return bar
 
@@ -75,7 +76,7 @@ class EpochBar:
         text = f"val_acc {metrics['val_acc']:6.2f}" if "val_acc" in metrics else ""
         if self.live:
             if self.bar is None:
-                self.bar = _open_bar(total=self.total, desc=self.desc, file=self.stream)
+                self.bar = _open_bar(_RUN_FORMAT, total=self.total, desc=self.desc, file=self.stream)
             self.bar.set_postfix_str(text, refresh=False)
             self.bar.update(epoch - self.bar.n)
             if epoch >= self.total:
