@@ -120,10 +120,15 @@ class Progress:
         self.done = {"search": 0, "confirm": 0}
         self.last_line: dict[int, float] = {}
         self.bar: tqdm | None = None
+        # Read from the study when a trial starts or ends, not per epoch (a storage query per epoch would cost a
+        # tiny trial several percent of its time): counts and best search trial, confirmation runs done / queued.
+        self.study_text = ""
+        self.confirm_done_queued = (0, 0)
 
     # --- called during a trial --------------------------------------------------------------------------------
     def start(self, number: int, values: dict[str, Any]) -> None:
         self.started[number] = time.perf_counter()
+        self._refresh()
         frozen = self._frozen(number)
         attrs = frozen.user_attrs if frozen is not None else {}
         confirming = CONFIRMS in attrs if frozen is not None else not values  # a confirmation run samples nothing
@@ -144,8 +149,8 @@ class Progress:
     def epoch(self, number: int, epoch: int, metrics: dict[str, Any]) -> None:
         info = self.running.get(number, {"kind": "search", "label": "", "epochs": self.epochs})
         fraction = epoch / info["epochs"] if info["epochs"] else 0.0
-        status = f"val_acc {metrics['val_acc']:6.2f} | {self._status(info['kind'], fraction)}"
         if self.live and self.bar is not None:
+            status = f"val_acc {metrics['val_acc']:6.2f} | {self._status(info['kind'], fraction)}"
             self.bar.set_postfix_str(status, refresh=False)
             self.bar.update(epoch - self.bar.n)
             return
@@ -153,12 +158,14 @@ class Progress:
         if now - self.last_line.get(number, self.started.get(number, now)) < self.every_s:
             return  # off a terminal a short trial shows only its finished line
         self.last_line[number] = now
+        status = f"val_acc {metrics['val_acc']:6.2f} | {self._status(info['kind'], fraction)}"
         self._line(f"  #{number} epoch {epoch}/{info['epochs'] or '?'}{_bracket(info['label'])}  {status}")
 
     def trial_done(self, study: optuna.Study, trial: FrozenTrial) -> None:
         self.study = self.study or study
         if self.bar is not None:
             self._close_bar()
+        self._refresh()
         now = time.perf_counter()
         began = self.started.pop(trial.number, None)
         seconds = now - began if began is not None else (trial.duration.total_seconds() if trial.duration else 0.0)
@@ -167,7 +174,7 @@ class Progress:
         a = trial.user_attrs
         kind = "confirm" if CONFIRMS in a else "search"
         if kind == "confirm":
-            counter = self._confirm_counter(running=False)
+            counter = "c{}/{}".format(*self.confirm_done_queued)
         else:
             if info is None:  # a duplicate of an earlier trial: answered without training, never started
                 self.search_started += 1
@@ -210,32 +217,41 @@ class Progress:
         except Exception:  # a storage hiccup must never stop a trial for the sake of a progress line
             return None
 
+    def _refresh(self) -> None:
+        """Read the study's counts, best search trial and confirmation runs (done, queued) once."""
+        if self.study is None:
+            return
+        try:
+            trials = self.study.get_trials(deepcopy=False)
+        except Exception:  # a storage hiccup must never stop a trial for the sake of a progress line
+            return
+        counts = {state.name: 0 for state in TrialState}
+        for t in trials:
+            counts[t.state.name] += 1
+        self.study_text = (f"complete {counts['COMPLETE']} pruned {counts['PRUNED']} failed {counts['FAIL']} | "
+                           + best_text(self.study, trials))
+        runs = [t for t in trials if CONFIRMS in t.user_attrs
+                and not (t.state == TrialState.FAIL and t.user_attrs.get("interrupted"))]
+        finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL) for t in runs)
+        self.confirm_done_queued = (finished, len(runs))
+
     def _confirm_counter(self, running: bool) -> str:
         if self.study is None:
             return f"c{self.done['confirm'] + running}/?"
-        runs = [t for t in self.study.get_trials(deepcopy=False) if CONFIRMS in t.user_attrs
-                and not (t.state == TrialState.FAIL and t.user_attrs.get("interrupted"))]
-        finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL) for t in runs)
-        return f"c{finished + running}/{len(runs)}"
+        finished, queued = self.confirm_done_queued
+        return f"c{finished + running}/{queued}"
 
     def _status(self, kind: str, fraction: float) -> str:
         """Study counts, best search trial, this run's elapsed time and ETA (`fraction`: of the running trial)."""
         elapsed = time.perf_counter() - self.run_started
-        parts = []
-        if self.study is not None:
-            counts = state_counts(self.study)
-            parts += [f"complete {counts['COMPLETE']} pruned {counts['PRUNED']} failed {counts['FAIL']}",
-                      best_text(self.study)]
+        parts = [self.study_text] if self.study_text else []
         return " | ".join(parts + [f"{clock(elapsed)} eta {clock(self._eta(kind, elapsed, fraction))}"])
 
     def _eta(self, kind: str, elapsed: float, fraction: float) -> float | None:
         done = self.done[kind] + fraction
         if kind == "confirm":
-            remaining = None
-            if self.study is not None:
-                counter = self._confirm_counter(running=False)
-                finished, total = (int(x) for x in counter[1:].split("/"))
-                remaining = total - finished - fraction
+            finished, queued = self.confirm_done_queued
+            remaining = queued - finished - fraction if self.study is not None else None
         else:
             remaining = self.total - done if self.total else None
         eta = elapsed / done * remaining if remaining is not None and done > 0 else None
@@ -270,16 +286,17 @@ def state_counts(study: optuna.Study) -> dict[str, int]:
     return counts
 
 
-def best_text(study: optuna.Study) -> str:
+def best_text(study: optuna.Study, trials: list[FrozenTrial] | None = None) -> str:
     """The best SEARCH trial (a confirmation run retrains a candidate with another seed: not a new point)."""
-    from ackd_search.confirm import search_trials
-
-    complete = search_trials(study)
+    trials = study.get_trials(deepcopy=False) if trials is None else trials
+    complete = [t for t in trials if t.state == TrialState.COMPLETE and CONFIRMS not in t.user_attrs
+                and "duplicate_of" not in t.user_attrs]
     if not complete:
         return "no complete trial yet"
     if len(study.directions) > 1:
         return f"Pareto front: {len(study.best_trials)} trials"
-    return f"best #{complete[0].number} {complete[0].values[0]:.2f}"
+    best = max(complete, key=lambda t: t.values[0])
+    return f"best #{best.number} {best.values[0]:.2f}"
 
 
 def summary(study: optuna.Study, top: int = 5) -> str:
