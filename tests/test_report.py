@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import csv
 import io
+import warnings
 from pathlib import Path
 
 import optuna
 import pytest
+from optuna.distributions import FloatDistribution
+from optuna.trial import TrialState, create_trial
 from optuna_dashboard import get_note
 from optuna_dashboard._note import get_note_from_system_attrs
 from tiny_space import tiny_space, write
@@ -83,3 +86,17 @@ def test_the_study_note_tells_search_trials_from_confirmation_runs(finished) -> 
     annotate_study(study)
     note = get_note(study)
     assert f"Best search trial: **#{search_trials(study)[0].number}**" in note and "confirmation over seeds" in note
+
+
+def test_a_two_objective_study_gets_its_pareto_front_named_by_its_metrics(tmp_path: Path) -> None:
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(["val_acc", "student_params"])
+    lr = {"optim.lr": FloatDistribution(1e-3, 1.0)}
+    for i, (acc, params) in enumerate([(90.0, 5000.0), (92.0, 3000.0), (95.0, 6000.0), (91.0, 1000.0)]):
+        study.add_trial(create_trial(state=TrialState.COMPLETE, values=[acc, params],
+                                     params={"optim.lr": 0.01 * (i + 1)}, distributions=lr))
+    names = {p.name for p in write_report(study, tmp_path, log=lambda text: None)}
+    assert {"trials.csv", "summary.txt", "history.png", "pareto.png"} <= names and "confirmation.md" not in names
+    assert (tmp_path / "pareto.png").stat().st_size > 0
