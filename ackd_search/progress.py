@@ -29,13 +29,16 @@ _RUN_FORMAT = "{desc} {bar:12} {n_fmt}/{total_fmt} ep [{elapsed}<{remaining}]{po
 _OPEN_BARS: weakref.WeakSet[tqdm] = weakref.WeakSet()  # live lines on screen now (see end_live_lines)
 
 
-def end_live_lines() -> None:
+def end_live_lines() -> bool:
     """Keep every live line on screen as it stands and end it with a newline, so that what is printed next (the
-    interruption message) starts on a line of its own. Call it where KeyboardInterrupt is caught."""
-    for bar in list(_OPEN_BARS):
+    interruption message) starts on a line of its own. Call it where KeyboardInterrupt is caught; True if it ended
+    one."""
+    bars = [bar for bar in list(_OPEN_BARS) if not bar.disable]  # tqdm disables a bar when it closes it
+    for bar in bars:
         bar.leave = True
         bar.close()
     _OPEN_BARS.clear()
+    return bool(bars)
 
 
 def _open_bar(bar_format: str = _BAR_FORMAT, **kwargs: Any) -> tqdm:

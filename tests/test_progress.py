@@ -116,6 +116,7 @@ def test_an_interruption_keeps_the_live_line_and_ends_it_with_a_newline(tmp_path
     study.add_trial(create_trial(state=TrialState.RUNNING, params={}, distributions={}))
     progress.start(0, {"optim.lr": 0.01})
     progress.epoch(0, 2, {"val_acc": 52.0, "terms": {}})
-    end_live_lines()  # what the command line does when it catches KeyboardInterrupt
+    assert end_live_lines()  # what the command line does when it catches KeyboardInterrupt
     out = stream.getvalue()
     assert out.endswith("\n") and "2/4 ep" in out.rpartition("\r")[2]  # the last state stays, then a newline
+    assert not end_live_lines()  # nothing left open: the caller prints its own newline if it wants one
