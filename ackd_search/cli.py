@@ -94,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help=COMMANDS["report"], description=COMMANDS["report"])
     r.add_argument("--space", required=True, help="the space file the study was created from")
     r.add_argument("--storage", help="SQLAlchemy URL overriding study.storage")
+    r.add_argument("--out", help="folder for the plots, tables and trials CSV (default: studies/<study>-report/)")
     d = sub.add_parser("dashboard", help=COMMANDS["dashboard"], description=COMMANDS["dashboard"])
     d.add_argument("--space", required=True, help="the space file the study was created from")
     d.add_argument("--storage", help="SQLAlchemy URL overriding study.storage")
@@ -162,7 +163,7 @@ def cmd_search(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from ackd_search.export import load_existing_study, select_trial, write_export
+    from ackd_search.export import describe, load_existing_study, select_trial, write_export
     from ackd_search.space import load_space
 
     space = load_space(args.space)
@@ -170,7 +171,7 @@ def cmd_export(args) -> int:
     trial = select_trial(study, args.trial)
     out = Path(args.out or f"studies/{space.study.name}-best.yaml")
     cfg = write_export(space, study, trial, out, args.epochs, force=args.force)
-    print(f"wrote {out}: trial #{trial.number}, {cfg.optim.epochs} epochs, distill.method {cfg.distill.method}")
+    print(f"wrote {out}: {describe(trial)}, {cfg.optim.epochs} epochs, distill.method {cfg.distill.method}")
     return 0
 
 
@@ -218,9 +219,14 @@ def _refuse_or_clear_finished_run(run_dir: Path, force: bool) -> None:
 def cmd_report(args) -> int:
     from ackd_search.export import load_existing_study
     from ackd_search.progress import summary
+    from ackd_search.report import write_report
     from ackd_search.space import load_space
 
-    print(summary(load_existing_study(load_space(args.space), args.storage)))
+    space = load_space(args.space)
+    study = load_existing_study(space, args.storage)
+    print(summary(study))
+    written = write_report(study, Path(args.out or f"studies/{space.study.name}-report"))
+    print("wrote " + ", ".join(str(p) for p in written))
     return 0
 
 

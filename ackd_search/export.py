@@ -19,8 +19,9 @@ from optuna.trial import FrozenTrial, TrialState
 
 from ackd_search import __version__
 from ackd_search.config import AckdConfig, OptimConfig, RunConfig, from_dict, save_run_config
+from ackd_search.confirm import search_trials, winner
 from ackd_search.errors import UsageError
-from ackd_search.objective import StudyPaths
+from ackd_search.objective import CONFIRMS, StudyPaths
 from ackd_search.space import LEARNER_PARAM, Space
 from ackd_search.storage import StudyError, existing_study, make_storage, safe_url, sqlite_path
 
@@ -50,7 +51,8 @@ def check_same_space(study: optuna.Study, space: Space) -> None:
 
 
 def select_trial(study: optuna.Study, number: int | None = None) -> FrozenTrial:
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    """Trial `number`, else the confirmed winner's trial, else the best search trial (single objective); a Pareto
+    front needs `number`."""
     if number is not None:
         match = [t for t in study.get_trials(deepcopy=False) if t.number == number]
         if not match:
@@ -58,12 +60,38 @@ def select_trial(study: optuna.Study, number: int | None = None) -> FrozenTrial:
         if match[0].state != TrialState.COMPLETE:
             raise StudyError(f"trial #{number} is {match[0].state.name}; only COMPLETE trials can be exported")
         return match[0]
-    if not complete:
+    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         raise StudyError(f"study {study.study_name!r} has no COMPLETE trial to export")
+    searched = search_trials(study)  # confirmation runs are never picked for one lucky seed
     if len(study.directions) == 1:
-        return study.best_trial
-    front = ", ".join(f"#{t.number} ({t.values[0]:.2f}, {t.values[1]:.4g})" for t in study.best_trials)
+        return _winner_trial(study) or (searched[0] if searched else study.best_trial)
+    front = ", ".join(f"#{t.number} ({t.values[0]:.2f}, {t.values[1]:.4g})" for t in study.best_trials
+                      if CONFIRMS not in t.user_attrs)
     raise StudyError(f"multi-objective study: choose a Pareto point with --trial N; front: {front}")
+
+
+def _winner_trial(study: optuna.Study) -> FrozenTrial | None:
+    """A trial that trained the confirmed winner's configuration: the search trial it confirms, or for a preset
+    (whose search trial may have sampled some values) its confirmation run with the lowest seed."""
+    best = winner(study)
+    if best is None:
+        return None
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    kind, _, name = best.source.partition(":")
+    if kind == "trial":
+        match = [t for t in complete if t.number == int(name)]
+        if match:
+            return match[0]
+    runs = [t for t in complete if CONFIRMS in t.user_attrs and t.user_attrs.get("confirm_key") == best.key]
+    return min(runs, key=lambda t: int(t.user_attrs["confirm_seed"])) if runs else None
+
+
+def describe(trial: FrozenTrial) -> str:
+    """How `export` names the trial it wrote: its number, and for a confirmation run what it confirms."""
+    if CONFIRMS in trial.user_attrs:
+        return (f"trial #{trial.number} (confirmation run of {trial.user_attrs[CONFIRMS]}, "
+                f"seed {trial.user_attrs.get('confirm_seed')})")
+    return f"trial #{trial.number}"
 
 
 def load_trial_config(trial: FrozenTrial, artifacts_dir: str | Path) -> dict[str, Any] | None:
@@ -129,7 +157,7 @@ def write_export(space: Space, study: optuna.Study, trial: FrozenTrial, out: Pat
     cfg = _final(trained, epochs or space.study.final_epochs)
     values = ", ".join(f"{v:.4g}" for v in trial.values)
     header = (f"# exported by ackd-search {__version__} on {time.strftime('%Y-%m-%d %H:%M')} from {source}\n"
-              f"# study {study.study_name!r}, trial #{trial.number} (values {values}; trained {trial_epochs} epochs, "
+              f"# study {study.study_name!r}, {describe(trial)} (values {values}; trained {trial_epochs} epochs, "
               f"this config {cfg.optim.epochs})\n"
               f"# train it with: python search.py train --config {out}")
     try:

@@ -16,8 +16,8 @@ from tiny_space import tiny_space, write
 
 from ackd_search.cli import main
 from ackd_search.config import load_run_config, to_dict
-from ackd_search.export import export_config, load_trial_config
-from ackd_search.objective import StudyPaths
+from ackd_search.export import export_config, load_trial_config, select_trial
+from ackd_search.objective import CONFIRMS, StudyPaths
 from ackd_search.space import Space, load_space
 from ackd_search.storage import StudyError, make_storage
 from ackd_search.study import open_study, quiet_optuna
@@ -26,9 +26,12 @@ quiet_optuna()
 pytestmark = pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")  # ask/tell, no optimize loop
 
 
-def told(study: optuna.Study, space: Space, value: float, artifact: bool = False, **changes) -> optuna.Study:
-    """One COMPLETE trial as the objective records it, its stored config changed by `changes` (dotted paths)."""
+def told(study: optuna.Study, space: Space, value: float, artifact: bool = False, attrs: dict | None = None,
+         **changes) -> optuna.Study:
+    """One COMPLETE trial as the objective records it, its stored config changed by `changes` (a__b paths)."""
     trial = study.ask()
+    for key, attr in (attrs or {}).items():
+        trial.set_user_attr(key, attr)
     values = space.suggest(trial)
     run_dir = Path(space.study.runs_dir) / f"trial-{trial.number:05d}"
     cfg = to_dict(space.run_config(values, output_dir=str(run_dir)))
@@ -194,3 +197,23 @@ def test_a_trial_without_a_stored_config_is_rebuilt_only_after_the_space_check(m
     data["run"]["optim"]["batch_size"] = 128
     with pytest.raises(StudyError, match="created from a different space"):
         export_config(load_space(write(tmp_path / "edited.yaml", data)), bare, study=study)
+
+
+def confirmation(study: optuna.Study, space: Space, label: str, source: str, seed: int, value: float) -> None:
+    attrs = {CONFIRMS: label, "confirm_key": label, "confirm_source": source, "confirm_seed": seed,
+             "confirm_epochs": 4}
+    told(study, space, value, attrs=attrs, seed=seed)
+
+
+def test_export_picks_the_confirmed_winner_never_a_lucky_confirmation_run(made) -> None:
+    space, study, _, _ = made
+    told(study, space, 99.0)  # trial 2: the best single-seed search trial
+    confirmation(study, space, "#2", "trial:2", 1, 100.0)  # one seed so far: no winner yet
+    assert select_trial(study).number == 2  # not the confirmation run's 100
+    confirmation(study, space, "#2", "trial:2", 2, 80.0)
+    assert select_trial(study).number == 2  # the winner confirms trial 2 (mean 90)
+    for seed, value in ((2, 97.0), (1, 96.0)):
+        confirmation(study, space, "kd", "preset:kd", seed, value)
+    chosen = select_trial(study)  # kd wins (mean 96.5): its confirmation run with the lowest seed
+    assert chosen.user_attrs[CONFIRMS] == "kd" and chosen.user_attrs["confirm_seed"] == 1
+    assert export_config(space, chosen, study=study).seed == 1
