@@ -72,6 +72,7 @@ def test_pareto_space_searches_the_student() -> None:
     students = next(p for p in space.params if p.path == "student").choices
     sizes = {sum(p.numel() for p in create_model(s, 10, in_channels=1).parameters()) for s in students}
     assert len(sizes) == len(students) >= 3  # every choice is its own point on the cost axis
+    assert space.preset_values("reference")[1] == []  # the reference point runs first here too
 
 
 def _midpoints(space) -> dict:
