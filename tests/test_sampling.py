@@ -192,3 +192,19 @@ def test_make_pruner_wraps_the_configured_pruner(tmp_path: Path) -> None:
     space = _two_method_space(tmp_path, pruner={"name": "percentile", "percentile": 25.0})
     pruner = make_pruner(space)
     assert isinstance(pruner, MethodAwarePruner) and isinstance(pruner.inner, optuna.pruners.PercentilePruner)
+
+
+def test_confirmation_runs_do_not_count_towards_a_methods_share() -> None:
+    sampler = FairMethodSampler(optuna.samplers.RandomSampler(seed=0), ["ackd", "kd"])
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+    for _ in range(6):
+        study.enqueue_trial({METHOD: "kd"})
+        trial = study.ask()
+        trial.suggest_categorical(METHOD, ["ackd", "kd"])
+        study.tell(trial, 1.0)
+    for _ in range(6):  # ACKD confirmation runs (even ones that carry the method as a parameter)
+        study.enqueue_trial({METHOD: "ackd"}, user_attrs={"confirms": "reference"})
+        trial = study.ask()
+        trial.suggest_categorical(METHOD, ["ackd", "kd"])
+        study.tell(trial, 1.0)
+    assert sampler.starved_method(study, study.ask()) == "ackd"  # 0 of 6 counted trials: owed floor(0.25 * 7) = 1
