@@ -17,7 +17,8 @@ from ackd_search import __version__
 
 COMMANDS = {
     "search": "run or resume the study a space file names (the default command)",
-    "export": "write a trial's own run config, at the full budget, for train",
+    "confirm": "retrain the study's best configurations and the baselines over seeds (resumable)",
+    "export": "write the confirmed winner's (or a trial's) run config, at the full budget, for train",
     "train": "train a run config to the end and read the test set once",
     "report": "print a study's summary: best trials or Pareto front, importances",
     "dashboard": "serve optuna-dashboard for the study (127.0.0.1:8080)",
@@ -54,6 +55,11 @@ def _positive(kind: type):
 POSITIVE_INT, POSITIVE_SECONDS = _positive(int), _positive(float)
 
 
+def _workers(text: str) -> int | str:
+    """`auto` or a count >= 1."""
+    return "auto" if text == "auto" else POSITIVE_INT(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="search.py", description=DESCRIPTION, epilog=EPILOG,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -66,9 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "Ctrl-C)")
     s.add_argument("--timeout", type=POSITIVE_SECONDS, help="stop starting trials after this many seconds (> 0)")
     s.add_argument("--storage", help="SQLAlchemy URL overriding study.storage (e.g. postgresql://host/db)")
-    s.add_argument("--workers", type=POSITIVE_INT,
-                   help="local worker processes sharing the study (default 1; not with --backend ray, which "
-                        "sizes itself from study.ray)")
+    s.add_argument("--workers", type=_workers,
+                   help="local worker processes sharing the study: N >= 1, or auto (trials packed on every visible "
+                        "GPU, one per core without CUDA); default 1; not with --backend ray, which sizes itself from "
+                        "study.ray")
     s.add_argument("--backend", choices=("optuna", "ray"), default="optuna",
                    help="run trials in this process (optuna, the default) or under Ray Tune (ray)")
     s.add_argument("--address", help="Ray cluster to join (auto | host:port of a running one); default: a local Ray")
@@ -77,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-requeue", action="store_true", help=argparse.SUPPRESS)  # the parent re-queues once
     s.add_argument("--no-confirm", action="store_true",
                    help="skip the confirmation of the candidates over seeds (run it later with `confirm`)")
+    c = sub.add_parser("confirm", help=COMMANDS["confirm"], description=COMMANDS["confirm"])
+    c.add_argument("--space", required=True, help="search-space YAML file of the study")
+    c.add_argument("--storage", help="SQLAlchemy URL overriding study.storage")
     e = sub.add_parser("export", help=COMMANDS["export"], description=COMMANDS["export"])
     e.add_argument("--space", required=True, help="the space file the study was created from")
     e.add_argument("--storage", help="SQLAlchemy URL overriding study.storage")
@@ -125,6 +135,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 # What an interruption leaves, per command. Said without knowing where it struck (the search may have been reading
 # data or training the teacher, with no trial running).
 INTERRUPTED = {
+    "confirm": "the running confirmation trial is recorded as FAIL (interrupted); `confirm` again resumes it",
     "search": "a trial that was running is recorded as FAIL (interrupted); run the same command again to resume "
               "(it re-runs such a trial from its last epoch checkpoint)",
     "train": "run the same command again to resume from the last epoch checkpoint",
@@ -149,8 +160,8 @@ def cmd_search(args) -> int:
         from ackd_search.ray_backend import run_ray_search
 
         study = run_ray_search(space, n_trials=args.n_trials, storage_url=args.storage, address=args.address,
-                               timeout_s=args.timeout, seed_offset=args.seed_offset)
-    elif args.workers > 1:
+                               timeout_s=args.timeout, seed_offset=args.seed_offset, confirm=not args.no_confirm)
+    elif args.workers == "auto" or args.workers > 1:
         from ackd_search.workers import run_workers
 
         return run_workers(args, space)
@@ -230,12 +241,23 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_confirm(args) -> int:
+    from ackd_search.progress import summary
+    from ackd_search.space import load_space
+    from ackd_search.study import confirm_study
+
+    print(summary(confirm_study(load_space(args.space), args.storage)))
+    return 0
+
+
 def cmd_dashboard(args) -> int:
+    from ackd_search.export import load_existing_study
     from ackd_search.objective import StudyPaths
     from ackd_search.space import load_space
 
     space = load_space(args.space)
     url = args.storage or space.storage_url
+    load_existing_study(space, url)  # a study that is not there is reported, not created empty by the dashboard
     artifacts = StudyPaths.for_space(space).artifacts
     artifacts.mkdir(parents=True, exist_ok=True)
     # The dashboard installed beside this Python, so it works without activating the virtual environment.
@@ -262,8 +284,8 @@ def _run(args: argparse.Namespace) -> int:
 
     quiet_optuna()
 
-    commands = {"search": cmd_search, "export": cmd_export, "train": cmd_train, "report": cmd_report,
-                "dashboard": cmd_dashboard}
+    commands = {"search": cmd_search, "confirm": cmd_confirm, "export": cmd_export, "train": cmd_train,
+                "report": cmd_report, "dashboard": cmd_dashboard}
     try:
         return commands[args.command](args)
     except USER_ERRORS as err:

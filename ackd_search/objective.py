@@ -5,6 +5,7 @@ run itself, and everything recorded about it (attributes, curve and config artif
 from __future__ import annotations
 
 import json
+import os
 import time
 import traceback
 from dataclasses import dataclass
@@ -140,6 +141,7 @@ def trial_objective(space: Space, paths: StudyPaths, progress: Any = None, sampl
     def objective(trial: optuna.Trial):
         started = time.perf_counter()
         confirming = CONFIRMS in trial.user_attrs
+        trial.set_user_attr("pid", os.getpid())  # which process ran it (a dead worker's share is made up)
         if sampler_seed is not None:
             trial.set_user_attr("sampler_seed", sampler_seed)
         if confirming:

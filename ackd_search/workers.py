@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 
+from ackd_search.packing import WorkerSlot, detect, visible_gpus
 from ackd_search.progress import summary
 from ackd_search.space import Space
 from ackd_search.storage import check_storage, make_storage
@@ -38,6 +39,16 @@ def worker_command(args: argparse.Namespace, index: int, n_trials: int | None) -
     return cmd
 
 
+def worker_slots(workers: int | str) -> list[WorkerSlot]:
+    """`auto`: as many workers as the visible GPUs and cores can feed (packing.detect); N: N workers sharing the
+    cores, dealt to the visible GPUs round-robin."""
+    if workers == "auto":
+        return detect()
+    gpus = visible_gpus()
+    threads = max(1, (os.cpu_count() or 1) // int(workers))
+    return [WorkerSlot(i, gpus[i % len(gpus)] if gpus else None, threads) for i in range(int(workers))]
+
+
 def run_workers(args: argparse.Namespace, space: Space) -> int:
     url = args.storage or space.storage_url
     check_storage(url)
@@ -45,12 +56,18 @@ def run_workers(args: argparse.Namespace, space: Space) -> int:
     study = open_study(space, make_storage(space, url))
     requeue_interrupted(study)
     n_trials = args.n_trials if args.n_trials is not None else space.study.n_trials
-    plan = [n for n in shares(n_trials, args.workers) if n != 0]
-    print(f"{len(plan)} workers on {space.study.name!r}: trials per worker {plan}", flush=True)
+    slots = worker_slots(args.workers)
+    plan = [(slot, n) for slot, n in zip(slots, shares(n_trials, len(slots))) if n != 0]
+    where = {slot.cuda_device for slot, _ in plan} - {None}
+    print(f"{len(plan)} workers on {space.study.name!r}: trials per worker {[n for _, n in plan]}"
+          f"{f', on GPUs {sorted(where)}' if where else ''}", flush=True)
     # Share the cores: torch would give every worker all of them, and tiny CPU trials then spin against each other.
-    threads = str(max(1, (os.cpu_count() or 1) // len(plan)))
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads)}
-    procs = [subprocess.Popen(worker_command(args, i, n), env=env) for i, n in enumerate(plan)]
+    procs = []
+    for slot, n in plan:
+        env = {**os.environ, **slot.env()}
+        if "OMP_NUM_THREADS" in os.environ:  # the user's own setting wins
+            env["OMP_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"]
+        procs.append(subprocess.Popen(worker_command(args, slot.index, n), env=env))
     try:
         codes = [p.wait() for p in procs]
     except KeyboardInterrupt:
@@ -62,8 +79,36 @@ def run_workers(args: argparse.Namespace, space: Space) -> int:
         for p in procs:
             p.wait()
         raise
-    failed = [c for c in codes if c != 0]
+    failed = run_what_dead_workers_left(args, space, plan, procs, codes)
     if not args.no_confirm:
-        run_confirmation(space, study)  # the parent alone: a worker that died left its share to the retry above
+        run_confirmation(space, study)  # the parent alone, after every search trial
     print(summary(study))
-    return max(failed) if failed else 0
+    return failed
+
+
+def run_what_dead_workers_left(args: argparse.Namespace, space: Space, plan: list, procs: list,
+                               codes: list[int]) -> int:
+    """Name each worker that died, and run its unfinished share here (its running trial is retried from its
+    checkpoint once the heartbeat grace period has passed). The exit code: 0 when the share was made up."""
+    left = 0
+    for (slot, n), proc, code in zip(plan, procs, codes):
+        if code == 0:
+            continue
+        done = _finished_by(space, args.storage, proc.pid)
+        missing = max(0, n - done) if n is not None else 0
+        print(f"worker w{slot.index + 1} (pid {proc.pid}) exited with code {code} after {done} of {n} trials"
+              f"{f'; running its {missing} remaining trials here' if missing else ''}", flush=True)
+        left += missing
+    if left == 0:
+        return 0
+    from ackd_search.study import run_search
+
+    run_search(space, n_trials=left, storage_url=args.storage, tag="parent", requeue=False, confirm=False)
+    return 0
+
+
+def _finished_by(space: Space, storage_url: str | None, pid: int) -> int:
+    """Trials a worker process finished (each trial records the pid of the process that ran it)."""
+    study = open_study(space, make_storage(space, storage_url), log=lambda _: None)
+    return sum(t.user_attrs.get("pid") == pid for t in study.get_trials(deepcopy=False)
+               if t.state.is_finished())

@@ -57,7 +57,8 @@ def searched(tmp_path_factory, teacher_cache, ray_address):
     study.enqueue_trial({"distill.method": "kd", **WEAK}, user_attrs={"weak": True})
     out = io.StringIO()
     # Two at a time: the weak trial starts after a preset has passed the first rung, so that rung stops it.
-    result = run_ray_search(space, stream=out, grace_period=1, reduction_factor=2, max_concurrent=2)
+    result = run_ray_search(space, stream=out, scheduler="asha", grace_period=1, reduction_factor=2,
+                            max_concurrent=2, confirm=False)
     return space, result, out.getvalue()
 
 
@@ -85,9 +86,9 @@ def test_a_trial_the_scheduler_stopped_is_pruned_with_its_partial_curve(searched
     stopped = max(weak.intermediate_values)
     assert sorted(weak.intermediate_values) == list(range(1, stopped + 1)) and stopped < 4
     assert weak.value == weak.intermediate_values[stopped]
-    assert [h["epoch"] for h in weak.user_attrs["history"]] == list(range(1, stopped + 1))
-    run_dir = Path(weak.user_attrs["config"]["output_dir"])
-    assert json.loads((run_dir / "curve.json").read_text())[-1]["epoch"] == stopped
+    assert "history" not in weak.user_attrs and "stopped by the Ray scheduler" in weak.user_attrs["prune_reason"]
+    run_dir = Path(space.study.runs_dir) / f"trial-{weak.number:05d}"
+    assert [h["epoch"] for h in json.loads((run_dir / "curve.json").read_text())] == list(range(1, stopped + 1))
     assert not (run_dir / "checkpoint.pt").exists()
 
 
@@ -103,11 +104,12 @@ def test_complete_trials_keep_every_epoch_and_what_users_compare(searched) -> No
         a = t.user_attrs
         assert a["student_params"] == params and a["student_flops"] > 0 and 0 < a["teacher_val_acc"] <= 100
         assert a["wall_time_s"] > 0 and a["device"].startswith("cpu") and a["seed"] == 0
-        assert [h["epoch"] for h in a["history"]] == [1, 2, 3, 4]
-        assert [h["val_acc"] for h in a["history"]] == [t.intermediate_values[e] for e in (1, 2, 3, 4)]
         run_dir = runs / f"trial-{t.number:05d}"
-        assert a["config"]["output_dir"] == str(run_dir)  # absolute, so workers write where the driver reads
-        assert Path(a["config"]["data"]["data_root"]).is_absolute()
+        history = json.loads((run_dir / "curve.json").read_text())
+        assert [h["val_acc"] for h in history] == [t.intermediate_values[e] for e in (1, 2, 3, 4)]
+        config = json.loads((run_dir / "config.json").read_text())
+        assert config["output_dir"] == str(run_dir)  # absolute, so workers write where the driver reads
+        assert Path(config["data"]["data_root"]).is_absolute()
         assert (run_dir / "curve.json").exists() and not (run_dir / "checkpoint.pt").exists()
 
 
@@ -137,7 +139,7 @@ def test_the_study_pruner_can_be_the_scheduler(tmp_path: Path, teacher_cache: Pa
     study = open_study(space, make_storage(space))
     for params in (GOOD, GOOD, WEAK):
         study.enqueue_trial(params)
-    study = run_ray_search(space, stream=io.StringIO(), scheduler="pruner", max_concurrent=1)
+    study = run_ray_search(space, stream=io.StringIO(), scheduler="pruner", max_concurrent=1, confirm=False)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.PRUNED]
     weak = study.trials[2]
     assert max(weak.intermediate_values) < 4 and weak.value == weak.intermediate_values[max(weak.intermediate_values)]
@@ -149,7 +151,7 @@ def test_multi_objective_runs_keep_curves_and_both_values(tmp_path: Path, teache
     data["run"]["distill"]["method"] = "kd"
     data["run"]["student"] = {"choices": ["digits_cnn_small", "digits_cnn_large"]}
     space = load_space(write(tmp_path / "s.yaml", data))
-    study = run_ray_search(space, stream=io.StringIO())
+    study = run_ray_search(space, stream=io.StringIO(), confirm=False)
     assert len(study.trials) == 2 and all(t.state == TrialState.COMPLETE for t in study.trials)
     for t in study.trials:
         assert t.values[1] == t.user_attrs["student_params"]
@@ -166,16 +168,17 @@ def test_a_failing_trial_is_fail_with_its_reason(tmp_path: Path, teacher_cache: 
     space = load_space(write(tmp_path / "s.yaml", data))
     study = open_study(space, make_storage(space))
     study.enqueue_trial({"teacher.checkpoint": "missing-teacher.pt"})
-    (trial,) = run_ray_search(space, stream=io.StringIO()).trials
+    (trial,) = run_ray_search(space, stream=io.StringIO(), confirm=False).trials
     assert trial.state == TrialState.FAIL
     reason = trial.user_attrs["fail_reason"]
     assert reason.startswith("CheckpointError:") and str(tmp_path / "missing-teacher.pt") in reason
     assert "\n" not in reason
-    assert "Traceback" in (Path(trial.user_attrs["config"]["output_dir"]) / "error.log").read_text()
+    assert "Traceback" in (Path(space.study.runs_dir) / "trial-00000" / "error.log").read_text()
 
 
 def test_settings_that_cannot_work_are_refused_before_ray_starts(tmp_path: Path) -> None:
     data = tiny_space(tmp_path, second_objective="student_params", pruner={"name": "none"})
+    data["run"]["student"] = {"choices": ["digits_cnn_small", "digits_cnn_large"]}  # a front needs a searched cost
     space = load_space(write(tmp_path / "s.yaml", data))
     with pytest.raises(StudyError, match="second_objective cannot prune; allowed: fifo"):
         run_ray_search(space, scheduler="asha")
@@ -193,15 +196,16 @@ def _cli(*args: str) -> list[str]:
 
 def test_cli_ray_backend_continues_a_plain_study(tmp_path: Path, teacher_cache: Path, ray_address) -> None:
     path = write(tmp_path / "s.yaml", tiny_space(tmp_path, teacher_cache=teacher_cache))
-    run_search(load_space(path), n_trials=1, stream=io.StringIO())  # the plain backend runs the first preset
-    cli = subprocess.run(_cli("--space", str(path), "--backend", "ray", "--address", ray_address, "--n-trials", "2"),
+    run_search(load_space(path), n_trials=1, stream=io.StringIO(), confirm=False)  # the plain backend: first preset
+    cli = subprocess.run(_cli("--space", str(path), "--backend", "ray", "--address", ray_address, "--n-trials", "2",
+                              "--no-confirm"),
                          check=False, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert cli.returncode == 0, cli.stderr[-3000:]
-    assert "study tiny:" in cli.stdout and "best trial #" in cli.stdout
+    assert "study tiny:" in cli.stdout and "best search trial #" in cli.stdout
     trials = stored(load_space(path))
     assert len(trials) == 3 and all(t.state in FINISHED for t in trials)
     assert [t.user_attrs.get("preset") for t in trials[:2]] == ["reference", "kd"]  # Ray took the queued preset
-    assert "history" in trials[1].user_attrs and trials[1].intermediate_values
+    assert sorted(trials[1].intermediate_values) == [1, 2, 3, 4]
 
 
 def test_ctrl_c_leaves_no_trial_running(tmp_path: Path, teacher_cache: Path, ray_address) -> None:
@@ -209,8 +213,8 @@ def test_ctrl_c_leaves_no_trial_running(tmp_path: Path, teacher_cache: Path, ray
     data["run"]["optim"]["epochs"] = 60  # long enough to be interrupted mid-trial
     path = write(tmp_path / "s.yaml", data)
     proc = subprocess.Popen(_cli("--space", str(path), "--backend", "ray", "--address", ray_address,
-                                 "--n-trials", "4"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=ROOT)
+                                 "--n-trials", "4", "--no-confirm"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not stored_epochs(tmp_path / "tiny.db"):
@@ -226,3 +230,12 @@ def test_ctrl_c_leaves_no_trial_running(tmp_path: Path, teacher_cache: Path, ray
     interrupted = [t for t in trials if t.user_attrs.get("interrupted")]
     assert interrupted and all(t.state == TrialState.FAIL and t.user_attrs["fail_reason"] for t in interrupted)
     assert any(t.intermediate_values for t in interrupted)  # the curve so far is kept
+
+
+def test_ray_stops_trials_by_the_studys_own_pruner_by_default(tmp_path: Path) -> None:
+    """ASHA's default would stop the bottom 75 % at every rung, far harsher than the study's pruner."""
+    from ackd_search.ray_backend import resolve_ray_options, scheduler_kind
+
+    space = load_space(write(tmp_path / "s.yaml", tiny_space(tmp_path)))
+    assert scheduler_kind(space, resolve_ray_options(space)) == "pruner"
+    assert scheduler_kind(space, resolve_ray_options(space, scheduler="asha")) == "asha"

@@ -84,3 +84,41 @@ def test_two_workers_share_one_study(tmp_path: Path, teacher_cache: Path, backen
     finally:
         if storage:
             optuna.delete_study(study_name=name, storage=storage)
+
+
+def test_workers_auto_packs_per_gpu_and_is_a_worker_per_core_without_cuda(monkeypatch) -> None:
+    from ackd_search.cli import parse_args
+    from ackd_search.workers import worker_slots
+
+    assert parse_args(["search", "--space", "x.yaml", "--workers", "auto"]).workers == "auto"
+    with pytest.raises(SystemExit):
+        parse_args(["search", "--space", "x.yaml", "--workers", "0"])
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU visible, even on a GPU machine
+    slots = worker_slots("auto")
+    assert len(slots) == 16 and all(s.cuda_device is None and s.threads == 1 for s in slots)
+    three = worker_slots(3)
+    assert [s.threads for s in three] == [5, 5, 5] and all(s.env()["OMP_NUM_THREADS"] == "5" for s in three)
+
+
+def test_a_finished_study_confirms_from_the_command_line(tmp_path: Path, teacher_cache: Path) -> None:
+    data = tiny_space(tmp_path, teacher_cache=teacher_cache, n_trials=2,
+                      confirm={"top_k": 1, "seeds": 2, "epochs": 1, "presets": ["kd"]})
+    space_file = write(tmp_path / "space.yaml", data)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    search = [sys.executable, str(ROOT / "search.py")]
+    first = subprocess.run([*search, "--space", str(space_file), "--no-confirm"], capture_output=True, text=True,
+                           timeout=600, cwd=ROOT, env=env)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "confirmation over seeds" not in first.stdout
+    confirm = subprocess.run([*search, "confirm", "--space", str(space_file)], capture_output=True, text=True,
+                             timeout=600, cwd=ROOT, env=env)
+    assert confirm.returncode == 0, confirm.stdout + confirm.stderr
+    assert "confirmation over seeds [1, 2]" in confirm.stdout and "winner:" in confirm.stdout
+    study = optuna.load_study(study_name="tiny", storage=data["study"]["storage"])
+    runs = [t for t in study.trials if "confirms" in t.user_attrs]
+    assert len(runs) == 4 and all(t.state == TrialState.COMPLETE for t in runs)  # (kd, best) x 2 seeds
+    again = subprocess.run([*search, "confirm", "--space", str(space_file)], capture_output=True, text=True,
+                           timeout=600, cwd=ROOT, env=env)
+    assert again.returncode == 0 and "0 runs queued" in again.stdout
+    assert len(optuna.load_study(study_name="tiny", storage=data["study"]["storage"]).trials) == len(study.trials)
