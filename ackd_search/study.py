@@ -172,6 +172,7 @@ def run_search(space: Space, n_trials: int | None = None, timeout_s: float | Non
     study = open_study(space, storage, seed_offset, log)
     if requeue:
         requeue_interrupted(study, log)
+    say_running(space, study, log)
     n_trials = n_trials if n_trials is not None else space.study.n_trials
     timeout_s = timeout_s if timeout_s is not None else space.study.timeout_s
     finished = len(study.get_trials(deepcopy=False, states=FINISHED))
@@ -182,6 +183,17 @@ def run_search(space: Space, n_trials: int | None = None, timeout_s: float | Non
     if confirm:
         run_confirmation(space, study, stream, tag)
     return study
+
+
+def say_running(space: Space, study: optuna.Study, log: Callable[[str], None]) -> None:
+    """Trials RUNNING now belong to another process, or to one that was killed (SIGKILL, a lost machine): say
+    so, and when a killed one's trial is failed and re-run from its checkpoint."""
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    if running:
+        numbers = ", ".join(f"#{t.number}" for t in running)
+        log(f"trials RUNNING: {numbers}: in another process, or left by a killed one; a killed one's trial is "
+            f"marked FAIL and re-run from its last checkpoint once its heartbeat is {space.study.grace_period_s} s "
+            "old (study.grace_period_s)")
 
 
 def _logger(stream=None, tag: str = "") -> Callable[[str], None]:

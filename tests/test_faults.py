@@ -157,6 +157,11 @@ def test_non_finite_loss_stops_that_trial_only(tmp_path: Path, teacher_cache: Pa
     assert "non-finite at epoch 2" in blown.user_attrs["fail_reason"]
     assert sorted(blown.intermediate_values) == [1]  # stopped inside epoch 2, nothing after it was trained
     assert fine.state == TrialState.COMPLETE
+    run_dir = Path(space.study.runs_dir) / f"trial-{blown.number:05d}"
+    assert not (run_dir / "checkpoint.pt").exists()  # nothing to resume: the curve and its cost are kept instead
+    metas = optuna.artifacts.get_all_artifact_meta(blown, storage=study._storage)
+    assert "curve.json" in {m.filename for m in metas}
+    assert blown.user_attrs["student_params"] > 0 and blown.user_attrs["epochs_run"] == 1
 
 
 def test_out_of_memory_fails_that_trial_only(tmp_path: Path, teacher_cache: Path, monkeypatch) -> None:

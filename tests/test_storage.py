@@ -145,3 +145,72 @@ def test_a_deleted_studys_checkpoint_is_never_resumed(tmp_path: Path, teacher_ca
     assert "not resumed" in first.user_attrs["foreign_checkpoint"]
     assert sorted(first.intermediate_values) == [1, 2, 3, 4]  # trained from scratch
     assert list(run_dir.glob("checkpoint.foreign-*.pt"))
+
+
+def test_an_interrupted_preset_is_requeued_with_its_label_and_resumes(tmp_path: Path, teacher_cache: Path,
+                                                                      monkeypatch) -> None:
+    import io
+
+    import ackd_search.objective as objective_module
+    from ackd_search.study import run_search
+
+    space = load_space(write(tmp_path / "space.yaml", tiny_space(tmp_path, teacher_cache=teacher_cache,
+                                                                 n_trials=1)))
+    real_call = objective_module.OptunaReporter.__call__
+
+    def stop_after_epoch_two(self, epoch, metrics):
+        real_call(self, epoch, metrics)
+        if epoch == 2:
+            raise KeyboardInterrupt("signal 15")
+
+    monkeypatch.setattr(objective_module.OptunaReporter, "__call__", stop_after_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        run_search(space, confirm=False)
+    monkeypatch.undo()
+    out = io.StringIO()
+    study = run_search(space, n_trials=2, confirm=False, stream=out)  # the queued KD preset runs first
+    first, rerun = study.trials[0], study.trials[-1]
+    assert first.user_attrs["preset"] == "reference" and first.user_attrs["interrupted"]
+    assert rerun.user_attrs["preset"] == "reference" and rerun.user_attrs["retry_of"] == 0
+    assert rerun.user_attrs["resumed_from_epoch"] == 2 and rerun.state == TrialState.COMPLETE
+    assert "re-queued to resume" in out.getvalue()
+
+
+def test_a_trial_left_running_is_explained(tmp_path: Path, teacher_cache: Path) -> None:
+    import io
+
+    from ackd_search.study import run_search
+
+    space = load_space(write(tmp_path / "space.yaml", tiny_space(tmp_path, teacher_cache=teacher_cache,
+                                                                 presets=False, n_trials=1)))
+    study = open_study(space, make_storage(space), log=lambda _: None)
+    study.ask()  # as a SIGKILLed process leaves its trial: RUNNING
+    out = io.StringIO()
+    run_search(space, confirm=False, stream=out)
+    assert "trials RUNNING: #0" in out.getvalue() and "grace_period_s" in out.getvalue()
+
+
+def test_a_dead_worker_is_named_and_its_share_runs_in_the_parent(tmp_path: Path, teacher_cache: Path,
+                                                                 monkeypatch, capsys) -> None:
+    import argparse
+
+    import ackd_search.workers as workers_module
+
+    data = tiny_space(tmp_path, teacher_cache=teacher_cache, presets=False, n_trials=4)
+    space = load_space(write(tmp_path / "space.yaml", data))
+    real_command = workers_module.worker_command
+
+    def second_worker_dies(args, index, n_trials):
+        if index == 1:
+            return [sys.executable, "-c", "import sys; sys.exit(3)"]
+        return real_command(args, index, n_trials)
+
+    monkeypatch.setattr(workers_module, "worker_command", second_worker_dies)
+    args = argparse.Namespace(space=str(tmp_path / "space.yaml"), storage=None, n_trials=4, timeout=None, workers=2,
+                              seed_offset=0, no_confirm=True)
+    assert workers_module.run_workers(args, space) == 0
+    out = capsys.readouterr().out
+    assert "worker w2 (pid" in out and "exited with code 3 after 0 of 2 trials" in out
+    assert "running its 2 remaining trials here" in out
+    trials = optuna.load_study(study_name="tiny", storage=data["study"]["storage"]).trials
+    assert len(trials) == 4 and all(t.state.is_finished() for t in trials)

@@ -63,6 +63,7 @@ def check_shared_study(storage: str, name: str, expected: int, out: str) -> None
     assert [t.user_attrs.get("preset") for t in trials].count("reference") == 1
     assert [t.user_attrs.get("preset") for t in trials].count("kd") == 1
     assert "[w1]" in out and "[w2]" in out  # both workers ran trials
+    assert out.count(f"study {name}: ") == 1, out  # one summary, by the parent
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql", "mysql"])
