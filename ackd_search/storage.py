@@ -3,6 +3,7 @@ RDB storage (heartbeats + retry) that any number of processes can create and use
 
 from __future__ import annotations
 
+import json
 import random
 import sqlite3
 import tempfile
@@ -119,6 +120,35 @@ def _serialise_sqlite(engine: sqlalchemy.Engine) -> None:
     engine.dispose()  # connections made during the schema check reconnect with the listeners
 
 
+class RetryStaleTrial(RetryHeartbeatStaleTrialCallback):
+    """Optuna's retry of a trial whose process stopped beating (it re-runs the parameters as a new trial, which
+    resumes the dead one's checkpoint), plus the reason on the trial it failed, which Optuna leaves blank."""
+
+    def __init__(self, max_retry: int, grace_period_s: int):
+        super().__init__(max_retry=max_retry)
+        self.grace_period_s = grace_period_s
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        reason = (f"its process stopped beating for over {self.grace_period_s} s (killed, or its machine lost); "
+                  "re-run as a new trial from its last checkpoint")
+        _annotate_finished(study, trial, "fail_reason", reason)
+        super().__call__(study, trial)
+
+
+def _annotate_finished(study: optuna.Study, trial: optuna.trial.FrozenTrial, key: str, value: Any) -> None:
+    """A user attribute on a trial that is already finished: Optuna's API refuses any write to such a trial, so
+    this one row goes through the storage's own engine and table."""
+    from optuna.storages._rdb import models
+
+    storage = getattr(study._storage, "_backend", study._storage)
+    if not isinstance(storage, RDBStorage):
+        return
+    table = models.TrialUserAttributeModel.__table__
+    with storage.engine.begin() as conn:
+        conn.execute(table.delete().where(table.c.trial_id == trial._trial_id, table.c.key == key))
+        conn.execute(table.insert().values(trial_id=trial._trial_id, key=key, value_json=json.dumps(value)))
+
+
 def make_storage(space: Space, url: str | None = None) -> RDBStorage:
     """An RDB storage with heartbeats: a worker killed mid-trial leaves it RUNNING, the next worker marks it FAIL
     after the grace period and re-runs its parameters (resuming from the trial's last epoch checkpoint)."""
@@ -135,7 +165,7 @@ def make_storage(space: Space, url: str | None = None) -> RDBStorage:
                 engine_kwargs=engine_kwargs,
                 heartbeat_interval=settings.heartbeat_interval_s,
                 grace_period=settings.grace_period_s,
-                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=settings.max_retry),
+                heartbeat_stale_trial_callback=RetryStaleTrial(settings.max_retry, settings.grace_period_s),
             )
             break
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError, sqlalchemy.exc.OperationalError,

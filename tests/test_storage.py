@@ -214,3 +214,20 @@ def test_a_dead_worker_is_named_and_its_share_runs_in_the_parent(tmp_path: Path,
     assert "running its 2 remaining trials here" in out
     trials = optuna.load_study(study_name="tiny", storage=data["study"]["storage"]).trials
     assert len(trials) == 4 and all(t.state.is_finished() for t in trials)
+
+
+def test_a_trial_whose_process_stopped_beating_is_failed_with_a_reason_and_retried(tmp_path: Path) -> None:
+    import time
+
+    space = load_space(write(tmp_path / "space.yaml", tiny_space(tmp_path, presets=False)))  # grace 3 s
+    study = open_study(space, make_storage(space), log=lambda _: None)
+    trial = study.ask()
+    trial.suggest_float("optim.lr", 1e-4, 0.1, log=True)
+    study._storage.record_heartbeat(trial._trial_id)  # then the process is killed
+    time.sleep(space.study.grace_period_s + 1)
+    optuna.storages.fail_stale_trials(study)
+    trials = optuna.load_study(study_name="tiny", storage=space.storage_url).trials
+    assert trials[0].state == TrialState.FAIL
+    assert "stopped beating" in trials[0].user_attrs["fail_reason"]
+    assert trials[1].state == TrialState.WAITING and trials[1].params == trials[0].params
+    assert "fail_reason" not in trials[1].user_attrs
