@@ -231,3 +231,36 @@ def test_a_trial_whose_process_stopped_beating_is_failed_with_a_reason_and_retri
     assert "stopped beating" in trials[0].user_attrs["fail_reason"]
     assert trials[1].state == TrialState.WAITING and trials[1].params == trials[0].params
     assert "fail_reason" not in trials[1].user_attrs
+
+
+def test_an_interrupted_heartbeat_retry_resumes_in_its_originals_folder(tmp_path: Path, teacher_cache: Path,
+                                                                        monkeypatch) -> None:
+    import time
+
+    import ackd_search.objective as objective_module
+    from ackd_search.study import run_search
+
+    data = tiny_space(tmp_path, teacher_cache=teacher_cache, presets=False, n_trials=1)
+    space = load_space(write(tmp_path / "space.yaml", data))
+    study = open_study(space, make_storage(space), log=lambda _: None)
+    killed = study.ask()
+    space.suggest(killed)  # a worker drew the parameters, then was SIGKILLed before its first epoch
+    study._storage.record_heartbeat(killed._trial_id)
+    time.sleep(space.study.grace_period_s + 1)
+    real_call = objective_module.OptunaReporter.__call__
+
+    def stop_after_epoch_two(self, epoch, metrics):
+        real_call(self, epoch, metrics)
+        if epoch == 2:
+            raise KeyboardInterrupt("signal 2")
+
+    monkeypatch.setattr(objective_module.OptunaReporter, "__call__", stop_after_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        run_search(space, confirm=False)  # the stale trial is retried as trial 1, in trial-00000, and interrupted
+    monkeypatch.undo()
+    study = run_search(space, confirm=False)
+    killed, retry, rerun = study.trials[:3]
+    assert killed.state == TrialState.FAIL and retry.user_attrs["interrupted"]
+    assert rerun.user_attrs["retry_of"] == 0 and rerun.user_attrs["resumed_from_epoch"] == 2
+    assert rerun.state == TrialState.COMPLETE and rerun.params == killed.params
+    assert not (Path(space.study.runs_dir) / "trial-00001").exists()  # every attempt used the original's folder
