@@ -79,6 +79,11 @@ class TeacherConfig:
     seed: int = 0
     cache_dir: str = "studies/teachers"
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(epochs=30))
+    # The teacher's logits for every augmented view of every training image, computed once per (teacher, data,
+    # augmentation) beside the cached teacher and read by every trial instead of running the teacher
+    # (ackd_search/output_cache.py). auto: on when the cache fits the memory budget (2 GiB) and, on a CPU, costs no
+    # more teacher forwards than the run itself would; on: always (unless the augmentation cannot be enumerated).
+    output_cache: Literal["auto", "on", "off"] = "auto"
 
 
 @dataclass

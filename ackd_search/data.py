@@ -29,8 +29,32 @@ _EPOCH_STRIDE = 100_003  # generator seed = seed * stride + epoch; prime, so (se
 
 @dataclass(frozen=True)
 class Augment:
+    """Random crop from the image zero-padded by `pad`, then a random horizontal flip (when `flip`).
+
+    Every augmented image is one of `num_views` VIEWS of its source image, numbered
+    v = (dy * side + dx) * flips + f with side = 2 * pad + 1, (dy, dx) the crop origin, f the flip (0/1)."""
+
     pad: int  # random-crop padding in pixels (0 = no crop)
     flip: bool  # random horizontal flip
+
+    @property
+    def side(self) -> int:
+        return 2 * self.pad + 1
+
+    @property
+    def num_views(self) -> int:
+        return self.side * self.side * (2 if self.flip else 1)
+
+    def view_index(self, offsets: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+        """View numbers (B,) of crop origins (B, 2) and flips (B,)."""
+        cell = offsets[:, 0] * self.side + offsets[:, 1]
+        return cell * 2 + flips.long() if self.flip else cell
+
+    def decode(self, views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(offsets (B, 2), flips (B,)) of view numbers: the inverse of `view_index`."""
+        flips = (views % 2).bool() if self.flip else torch.zeros_like(views, dtype=torch.bool)
+        cell = views // 2 if self.flip else views
+        return torch.stack([cell // self.side, cell % self.side], dim=1), flips
 
 
 @dataclass
@@ -277,7 +301,10 @@ def crop_flip(x: torch.Tensor, pad: int, offsets: torch.Tensor, flip: torch.Tens
 
 
 class DeviceLoader:
-    """Batches a TensorSplit that lives on `device`; order and augmentation depend only on (seed, epoch)."""
+    """Batches a TensorSplit that lives on `device`; order and augmentation depend only on (seed, epoch).
+
+    `iter_views()` yields the same batches with their VIEW IDS: image index * num_views + the view number of the
+    crop and flip the image got (see `Augment`), so a cache of per-view outputs can be read for the batch."""
 
     def __init__(self, split: TensorSplit, batch_size: int, device: torch.device | str,
                  mean: Sequence[float], std: Sequence[float], augment: Augment | None = None,
@@ -334,7 +361,12 @@ class DeviceLoader:
             x = x.contiguous(memory_format=torch.channels_last)
         return x.to(self.dtype)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    @property
+    def num_views(self) -> int:
+        """Distinct augmented views per image (1 without augmentation)."""
+        return self.augment.num_views if self.augment is not None else 1
+
+    def _batches(self, with_views: bool) -> Iterator[tuple[torch.Tensor, ...]]:
         order, offsets, flips = self._draws()
         for i in range(len(self)):
             sl = slice(i * self.batch_size, (i + 1) * self.batch_size)
@@ -342,4 +374,27 @@ class DeviceLoader:
             x = self.x[idx]
             if self.augment is not None:
                 x = crop_flip(x, self.augment.pad, offsets[sl], flips[sl])
-            yield self._normalize(x), self.y[idx]
+            if not with_views:
+                yield self._normalize(x), self.y[idx]
+                continue
+            views = idx * self.num_views
+            if self.augment is not None:
+                views = views + self.augment.view_index(offsets[sl], flips[sl])
+            yield self._normalize(x), self.y[idx], views
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self._batches(with_views=False)  # type: ignore[return-value]
+
+    def iter_views(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The batches of `iter(self)` (same draws, same order) with each image's view id (int64, on the device)."""
+        return self._batches(with_views=True)  # type: ignore[return-value]
+
+    def view_images(self, views: torch.Tensor) -> torch.Tensor:
+        """The normalized augmented images of view ids `views` (any order): what a batch holding them yields."""
+        views = views.to(self.device)
+        idx = torch.div(views, self.num_views, rounding_mode="floor")
+        x = self.x[idx]
+        if self.augment is not None:
+            offsets, flips = self.augment.decode(views % self.num_views)
+            x = crop_flip(x, self.augment.pad, offsets, flips)
+        return self._normalize(x)

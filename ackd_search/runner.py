@@ -10,6 +10,7 @@ from torch import nn
 from ackd_search.config import RunConfig
 from ackd_search.data import DataSplits
 from ackd_search.distill import Distiller
+from ackd_search.output_cache import teacher_outputs_for
 from ackd_search.teachers import get_teacher
 from ackd_search.trainer import Reporter, RunResult, _Run, get_splits, resolve_device, train
 
@@ -24,11 +25,14 @@ def load_teacher(cfg: RunConfig, splits: DataSplits) -> tuple[nn.Module | None, 
 
 def run_training(cfg: RunConfig, reporter: Reporter | None = None,
                  identity: dict[str, Any] | None = None) -> RunResult:
-    """Load `cfg`'s data and teacher, then `train` it (resuming its checkpoint when that belongs to `identity`)."""
+    """Load `cfg`'s data and teacher and the teacher's output cache (`teacher.output_cache`: computed once, beside
+    the cached teacher), then `train` it (resuming its checkpoint when that belongs to `identity`)."""
     resolve_device(cfg.device)  # a bad device name fails before any data is read or teacher trained
     splits = get_splits(cfg.data)
     teacher, teacher_info = load_teacher(cfg, splits)
-    return train(cfg, reporter, splits=splits, teacher=teacher, teacher_info=teacher_info, identity=identity)
+    outputs, status = teacher_outputs_for(cfg, splits, teacher, teacher_info, resolve_device(cfg.device))
+    return train(cfg, reporter, splits=splits, teacher=teacher, teacher_info=teacher_info, identity=identity,
+                 teacher_outputs=outputs, teacher_output_cache=status)
 
 
 def distiller_for(cfg: RunConfig) -> Distiller:

@@ -59,6 +59,7 @@ class RunResult:
     images_per_s: float
     version: str = __version__
     cuda_graphs: str = "off"  # "captured", "off", or "eager: <why capture was not used>"
+    teacher_output_cache: str = "off"  # "used", "off", or "off: <why>" (ackd_search/output_cache.py)
     student_state: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def summary(self) -> dict[str, Any]:
@@ -270,7 +271,8 @@ class _CapturedStep:
         self.batch_size = run.cfg.optim.batch_size
         self.key: object = object()  # no step shape yet
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.static_x = self.static_y = None
+        self.static_x = self.static_y = self.static_v = None
+        self.static_t: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self.warm = 0
         self.names: set[str] = set()
         self.failed: str | None = None
@@ -282,51 +284,72 @@ class _CapturedStep:
         key = self.run.distiller.step_key(epoch)
         if key != self.key:  # a new step shape (e.g. the adversary switched on): warm up and capture again
             self.key, self.graph, self.static_x, self.static_y, self.warm = key, None, None, None, 0
+            self.static_v = self.static_t = None
 
-    def step(self, x: torch.Tensor, y: torch.Tensor, epoch: int) -> None:
+    def step(self, x: torch.Tensor, y: torch.Tensor, epoch: int, views: torch.Tensor | None = None) -> None:
         if self.failed is not None or x.shape[0] != self.batch_size:
-            self.run.step(x, y, epoch)
+            self.run.step(x, y, epoch, views=views)
             return
         if not self.capture:
-            self._load(x, y)
+            self._load(x, y, views)
             with self.optimizer:
-                self.run.step(self.static_x, self.static_y, epoch, self.autocast)
+                self._static_step(epoch)
             return
         if self.graph is None:
             if self.warm < self.WARMUP_STEPS:
-                self._warmup(x, y, epoch)
+                self._warmup(x, y, epoch, views)
                 return
-            if not self._capture(x, y, epoch):
-                self.run.step(x, y, epoch)
+            if not self._capture(x, y, epoch, views):
+                self.run.step(x, y, epoch, views=views)
                 return
-        self._load(x, y)
+        self._load(x, y, views)
         self.graph.replay()
         self.run.sums.seen |= self.names
 
-    def _load(self, x: torch.Tensor, y: torch.Tensor) -> None:
+    def _static_step(self, epoch: int) -> None:
+        """The step on the static buffers: the cached teacher outputs are gathered inside it (a device index op on
+        the static view buffer) when the cache is on the device, or were gathered into static buffers by `_load`."""
+        self.run.step(self.static_x, self.static_y, epoch, self.autocast, views=self.static_v,
+                      teacher_out=self.static_t)
+
+    def _load(self, x: torch.Tensor, y: torch.Tensor, views: torch.Tensor | None = None) -> None:
         if self.static_x is None:
             self.static_x, self.static_y = torch.empty_like(x), torch.empty_like(y)
         self.static_x.copy_(x)
         self.static_y.copy_(y)
+        outputs = self.run.teacher_outputs
+        if views is None or outputs is None:
+            return
+        if outputs.on_device:
+            if self.static_v is None:
+                self.static_v = torch.empty_like(views)
+            self.static_v.copy_(views)
+            return
+        logits, pooled = outputs.gather(views)  # host memmap: gathered outside the graph, copied into buffers
+        if self.static_t is None:
+            self.static_t = (torch.empty_like(logits), torch.empty_like(pooled) if pooled is not None else None)
+        self.static_t[0].copy_(logits)
+        if pooled is not None:
+            self.static_t[1].copy_(pooled)
 
-    def _warmup(self, x: torch.Tensor, y: torch.Tensor, epoch: int) -> None:
+    def _warmup(self, x: torch.Tensor, y: torch.Tensor, epoch: int, views: torch.Tensor | None = None) -> None:
         """A real training step, eager, on a side stream (as CUDA graph capture wants its warm-up)."""
         main = torch.cuda.current_stream(self.run.device)
         side = torch.cuda.Stream(self.run.device)
         side.wait_stream(main)
         with torch.cuda.stream(side), self.optimizer:
-            self.run.step(x, y, epoch, self.autocast)
+            self.run.step(x, y, epoch, self.autocast, views=views)
         main.wait_stream(side)
         self.warm += 1
 
-    def _capture(self, x: torch.Tensor, y: torch.Tensor, epoch: int) -> bool:
-        self._load(x, y)
+    def _capture(self, x: torch.Tensor, y: torch.Tensor, epoch: int, views: torch.Tensor | None = None) -> bool:
+        self._load(x, y, views)
         seen_before, self.run.sums.seen = self.run.sums.seen, set()
         try:
             graph = torch.cuda.CUDAGraph()
             torch.cuda.synchronize(self.run.device)
             with self.optimizer, torch.cuda.graph(graph):
-                self.run.step(self.static_x, self.static_y, epoch, self.autocast)
+                self._static_step(epoch)
         except Exception as err:  # the trial goes on eagerly; the reason is said once
             self.run.optimizer.zero_grad(set_to_none=True)
             if self.run.distiller.adversary_optimizer is not None:
@@ -349,8 +372,12 @@ class _Run:
 
     def __init__(self, cfg: RunConfig, reporter: Reporter | None, *, splits: DataSplits,
                  teacher: torch.nn.Module | None, teacher_info: dict[str, Any] | None,
-                 identity: dict[str, Any] | None = None):
+                 identity: dict[str, Any] | None = None, teacher_outputs: Any = None,
+                 teacher_output_cache: str = "off"):
         self.cfg, self.reporter, self.identity = cfg, reporter, identity
+        # The teacher-output cache (an output_cache.TeacherOutputs, built by the caller) or None: run the teacher.
+        self.teacher_outputs = teacher_outputs
+        self.output_cache_status = teacher_output_cache
         self.device = resolve_device(cfg.device)
         if cfg.cpu_threads and self.device.type == "cpu":
             torch.set_num_threads(cfg.cpu_threads)
@@ -459,11 +486,17 @@ class _Run:
         self.start_epoch = int(state["epochs_done"])
 
     # --- the loop ------------------------------------------------------------------------------------------
-    def step(self, x: torch.Tensor, y: torch.Tensor, epoch: int, autocast=None) -> None:
+    def step(self, x: torch.Tensor, y: torch.Tensor, epoch: int, autocast=None, views: torch.Tensor | None = None,
+             teacher_out: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> None:
         """One training step: the distiller's forward and losses (and its adversary's own step), backward, SGD,
-        and the loss terms added to the epoch's on-device sums. No host sync: a CUDA graph captures it whole."""
+        and the loss terms added to the epoch's on-device sums. No host sync: a CUDA graph captures it whole.
+
+        With the teacher-output cache, the batch's teacher outputs are `teacher_out`, or gathered by `views`."""
+        if teacher_out is None and views is not None and self.teacher_outputs is not None:
+            teacher_out = self.teacher_outputs.gather(views)
+        cached = {"teacher_out": teacher_out} if teacher_out is not None else {}  # the 3-argument call otherwise
         with (autocast or self.autocast)():
-            _, loss, terms = self.distiller.forward_train(x, y, epoch)
+            _, loss, terms = self.distiller.forward_train(x, y, epoch, **cached)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -482,8 +515,12 @@ class _Run:
             self.captured.begin_epoch(epoch)
             step_fn = self.captured.step
         start = time.perf_counter()
-        for step, (x, y) in enumerate(self.train_loader):
-            step_fn(x, y, epoch)
+        if self.teacher_outputs is not None:
+            batches = self.train_loader.iter_views()
+        else:
+            batches = ((x, y, None) for x, y in self.train_loader)
+        for step, (x, y, views) in enumerate(batches):
+            step_fn(x, y, epoch, views=views)
             if step % NONFINITE_CHECK_EVERY == 0 and self.sums.bad.item():
                 raise NonFiniteLossError(f"loss became non-finite at epoch {epoch + 1}, batch {step + 1}")
         if self.sums.bad.item():
@@ -544,6 +581,7 @@ class _Run:
             wall_time_s=wall_s,
             images_per_s=images / train_s if train_s > 0 else math.nan,
             cuda_graphs=self.graphs_status,
+            teacher_output_cache=self.output_cache_status,
             student_state=self.distiller.export_student(),
         )
         if self.run_dir:
@@ -557,6 +595,7 @@ def _comparable(config: dict[str, Any]) -> dict[str, Any]:
     runs, not what it computes, so a run may resume with it switched)."""
     out = with_absolute_paths(config)
     out.pop("cuda_graphs", None)
+    (out.get("teacher") or {}).pop("output_cache", None)  # the same teacher outputs, read or recomputed
     return out
 
 
@@ -589,10 +628,15 @@ def describe_device(device: torch.device) -> str:
 
 def train(cfg: RunConfig, reporter: Reporter | None = None, *, splits: DataSplits,
           teacher: torch.nn.Module | None, teacher_info: dict[str, Any] | None,
-          identity: dict[str, Any] | None = None) -> RunResult:
+          identity: dict[str, Any] | None = None, teacher_outputs: Any = None,
+          teacher_output_cache: str = "off") -> RunResult:
     """Train `cfg` on `splits` with `teacher` (None for the student alone) to the end, resuming from
     `cfg.output_dir`'s checkpoint if there is one and it belongs to `identity` (the caller's study and trial; None
     for a plain run) and to this code version.
 
+    `teacher_outputs` (an `output_cache.TeacherOutputs`, or None to run the teacher) holds the teacher's outputs for
+    every view of the training images; `teacher_output_cache` is its status for `RunResult` ("used", "off: why").
+
     `reporter(epoch, metrics)` is called after every epoch, after the checkpoint is written; it may raise to stop."""
-    return _Run(cfg, reporter, splits=splits, teacher=teacher, teacher_info=teacher_info, identity=identity).run()
+    return _Run(cfg, reporter, splits=splits, teacher=teacher, teacher_info=teacher_info, identity=identity,
+                teacher_outputs=teacher_outputs, teacher_output_cache=teacher_output_cache).run()

@@ -7,11 +7,16 @@ Teacher resnet32x4 (eval, no grad) -> student resnet8x4 on CIFAR-100-shaped rand
   project-ackd  the same epoch with the ACKD distiller, two auxiliary learners before the last stage ([2, 2])
 
     python benchmarks/bench_train.py [--device cuda|cpu] [--steps N] [--batch-size 64] [--out FILE] [--compile]
-                                     [--cuda-graphs]
+                                     [--cuda-graphs] [--teacher-cache]
 
 With --cuda-graphs the project rows run `train`'s captured step (`run.cuda_graphs: on`: the step captured as one CUDA
 graph after a short eager warm-up, replayed for every full batch); without it they run eagerly (`off`). Without CUDA
 the captured rows are not measured and say so.
+
+With --teacher-cache the project rows read the teacher's logits from a teacher-output cache (`teacher.output_cache`,
+ackd_search/output_cache.py) instead of running the teacher: the trainer gathers each batch's views from it (inside
+the captured graph with --cuda-graphs). The cache's one-time computation is not timed, and its contents are random
+(speed does not depend on the values; computing real ones for every view would cost hours of CPU teacher forwards).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
@@ -37,6 +43,7 @@ from torchvision import transforms
 from ackd_search.config import AckdConfig, DistillConfig, OptimConfig, RunConfig, TeacherConfig, kd_distill
 from ackd_search.data import Augment, DataSplits, TensorSplit, channel_stats
 from ackd_search.models import create_model
+from ackd_search.output_cache import TeacherOutputs
 from ackd_search.trainer import _CapturedStep, _Run, autocast_for, describe_device, resolve_device
 
 TEACHER, STUDENT, NUM_CLASSES, IMAGE_SIZE = "resnet32x4", "resnet8x4", 100, 32
@@ -76,9 +83,21 @@ def project_config(method: str, args: argparse.Namespace) -> RunConfig:
                      cuda_graphs="on" if args.cuda_graphs else "off")
 
 
+def random_outputs(images: int, num_views: int, device: torch.device) -> TeacherOutputs:
+    """A teacher-output cache of random fp16 logits (as CIFAR-100's is stored) for `images` x `num_views` views."""
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((images * num_views, NUM_CLASSES), dtype=np.float32).astype(np.float16)
+    return TeacherOutputs({"logits": logits}, num_views, device, Path("<random>"))
+
+
 def project_run(method: str, splits: DataSplits, args: argparse.Namespace) -> _Run:
     teacher = create_model(TEACHER, NUM_CLASSES)
-    return _Run(project_config(method, args), None, splits=splits, teacher=teacher, teacher_info={"arch": TEACHER})
+    outputs = None
+    if args.teacher_cache:
+        images = max(len(splits.train), len(splits.val))  # the warm-up and timed splits index the same rows
+        outputs = random_outputs(images, splits.augment.num_views, resolve_device(args.device))
+    return _Run(project_config(method, args), None, splits=splits, teacher=teacher, teacher_info={"arch": TEACHER},
+                teacher_outputs=outputs, teacher_output_cache="used" if outputs is not None else "off")
 
 
 def shaped_splits(train: TensorSplit, other: TensorSplit) -> DataSplits:
@@ -176,6 +195,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true", help="torch.compile the project path (meant for CUDA)")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="project rows run the captured step (run.cuda_graphs: on); CUDA only")
+    parser.add_argument("--teacher-cache", action="store_true",
+                        help="project rows read the teacher's logits from a teacher-output cache (random contents)")
     parser.add_argument("--out", type=Path, default=None, help="JSON (default benchmarks/results/train-<dev>.json)")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
@@ -197,7 +218,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.warmup = max(args.warmup, _CapturedStep.WARMUP_STEPS + 1)
     if min(args.steps, args.warmup, args.batch_size, args.repeats) < 1:
         parser.error("--steps, --warmup, --batch-size and --repeats must be >= 1")
-    args.out = args.out or Path(__file__).parent / "results" / f"train-{device.type}.json"
+    suffix = "-teacher-cache" if args.teacher_cache else ""
+    args.out = args.out or Path(__file__).parent / "results" / f"train-{device.type}{suffix}.json"
     return args
 
 
@@ -251,6 +273,7 @@ def report(args: argparse.Namespace, rows: list[Row], load_before: tuple[float, 
         "compile": args.compile,
         "cuda_graphs": args.cuda_graphs,
         "cuda_graphs_status": args.graphs_status,
+        "teacher_cache": args.teacher_cache,
         "not_measured": {row: "no CUDA" for row in args.not_measured},
         "load_average_before": [round(v, 2) for v in load_before],
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -271,7 +294,7 @@ def main(argv: list[str] | None = None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"{result['device']}; batch {args.batch_size}, {args.steps} timed steps, median of {args.repeats}, "
-          f"compile={args.compile}")
+          f"compile={args.compile}, teacher_cache={args.teacher_cache}")
     print(f"{'path':<14} {'images/s':>10} {'ms/step':>9} {'vs reference':>13}   images/s per repeat")
     for row in rows:
         ratio = f"{row.ratio:.2f}x" if row.ratio is not None else "-"

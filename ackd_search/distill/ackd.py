@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ackd_search.config import DistillConfig, OptimConfig
-from ackd_search.distill.base import Distiller, kd_loss
+from ackd_search.distill.base import Distiller, TeacherOut, kd_loss
 from ackd_search.models import StagedNet, create_model
 
 
@@ -246,8 +246,11 @@ class ACKD(Distiller):
         self._weights_epoch = epoch
 
     # --- forward pieces ----------------------------------------------------------------------------------------
-    def _teacher_outputs(self, x: torch.Tensor, need_features: bool):
-        """Teacher logits (and pooled features when asked): one teacher forward, without gradients."""
+    def _teacher_outputs(self, x: torch.Tensor, need_features: bool, cached: TeacherOut | None = None):
+        """Teacher logits (and pooled features when asked): read from `cached` (the teacher-output cache) when it
+        holds what is needed, else one teacher forward, without gradients."""
+        if cached is not None and (not need_features or cached[1] is not None):
+            return cached[0], cached[1] if need_features else None
         if not need_features:
             return self.teacher_logits(x), None
         with torch.no_grad():
@@ -337,7 +340,7 @@ class ACKD(Distiller):
         return torch.softmax(logits.float() / self.temperature, dim=-1)
 
     # --- the training step -------------------------------------------------------------------------------------
-    def forward_train(self, x: torch.Tensor, y: torch.Tensor, epoch: int):
+    def forward_train(self, x: torch.Tensor, y: torch.Tensor, epoch: int, teacher_out: TeacherOut | None = None):
         """Student logits, L = L_0 + aux_weight * sum_i L_i, and every term by name (see `_learner_loss`).
 
         In training mode with the adversarial term on, this also takes D's optimiser step (D first, then the
@@ -348,7 +351,7 @@ class ACKD(Distiller):
         adv_on = self.training and self.adv_active(epoch)
         collab_w, adv_w = self.collab_w, (self.adv_w if adv_on else self.zero_w)
         need_teacher_features = adv_on and ackd.adv_input == "features" and ackd.adv_real == "teacher"
-        teacher_logits, teacher_pooled = self._teacher_outputs(x, need_teacher_features)
+        teacher_logits, teacher_pooled = self._teacher_outputs(x, need_teacher_features, teacher_out)
         pooled, logits = self._learner_outputs(x)
         targets = self.collaborative_targets(pooled, logits) if self.num_aux > 0 else None
 

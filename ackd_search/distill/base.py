@@ -1,6 +1,10 @@
 """The one interface every distiller implements, so the trainer never asks which method it runs.
 
-`forward_train(x, y, epoch)` returns the student's logits, the loss to minimise and named terms to log."""
+`forward_train(x, y, epoch, teacher_out=None)` returns the student's logits, the loss to minimise and named terms to
+log. `teacher_out` = (teacher logits, teacher pooled features or None) for the batch, read from the teacher-output cache
+(ackd_search/output_cache.py) by the trainer; without it the distiller runs its teacher.
+
+A cached teacher output has the type `TeacherOut` below."""
 
 from __future__ import annotations
 
@@ -11,6 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ackd_search.models import StagedNet
+
+TeacherOut = tuple[torch.Tensor, torch.Tensor | None]  # (logits (B, classes), pooled features (B, width) or None)
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -66,7 +72,7 @@ class Distiller(nn.Module):
         return self.teacher(x)
 
     def forward_train(
-        self, x: torch.Tensor, y: torch.Tensor, epoch: int
+        self, x: torch.Tensor, y: torch.Tensor, epoch: int, teacher_out: TeacherOut | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
 

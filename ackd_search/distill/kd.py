@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ackd_search.distill.base import Distiller, kd_loss
+from ackd_search.distill.base import Distiller, TeacherOut, kd_loss
 from ackd_search.models import StagedNet
 
 
@@ -14,7 +14,7 @@ class StudentOnly(Distiller):
     def __init__(self, student: StagedNet):
         super().__init__(student, teacher=None)
 
-    def forward_train(self, x: torch.Tensor, y: torch.Tensor, epoch: int):
+    def forward_train(self, x: torch.Tensor, y: torch.Tensor, epoch: int, teacher_out: TeacherOut | None = None):
         logits = self.student(x)
         ce = F.cross_entropy(logits.float(), y)
         return logits, ce, {"ce": ce.detach()}
@@ -27,8 +27,8 @@ class KD(Distiller):
         self.ce_weight = ce_weight
         self.kd_weight = kd_weight
 
-    def forward_train(self, x: torch.Tensor, y: torch.Tensor, epoch: int):
-        teacher_logits = self.teacher_logits(x)
+    def forward_train(self, x: torch.Tensor, y: torch.Tensor, epoch: int, teacher_out: TeacherOut | None = None):
+        teacher_logits = teacher_out[0] if teacher_out is not None else self.teacher_logits(x)
         logits = self.student(x)
         ce = F.cross_entropy(logits.float(), y)
         kd = kd_loss(logits, teacher_logits, self.temperature)
