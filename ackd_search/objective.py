@@ -67,6 +67,8 @@ def trial_attrs(result: RunResult) -> dict[str, Any]:
         "seed": result.config["seed"],
         "best_val_acc": result.best_val_acc,
         "method": result.config["distill"]["method"],
+        "teacher_output_cache": result.teacher_output_cache,  # used | off | off: <why>
+        "cuda_graphs": result.cuda_graphs,  # captured | off | eager: <why>
     }
 
 

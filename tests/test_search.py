@@ -96,6 +96,7 @@ def test_trials_store_what_users_compare(searched) -> None:
         assert {"ce", "kd", "loss"} <= set(history[0]["terms"])
         config = artifact_json(space, t, "config.json")
         assert a["method"] == config["distill"]["method"]
+        assert a["cuda_graphs"] == "off" and a["teacher_output_cache"].startswith(("used", "off"))
         if config["distill"]["method"] == "ackd" and config["distill"]["ackd"]["aux_placements"]:
             assert any(k.startswith("aux1/") for k in history[0]["terms"])
             assert "adv_d" in history[0]["terms"] and "collab" in history[-1]["terms"]
