@@ -69,7 +69,7 @@ def test_misspelt_command_names_the_closest_one(capsys) -> None:
     one_line_error(code, err)
     assert err.strip() == "error: unknown command 'reprot'; did you mean 'report'?"
     code, _, err = run_cli(["frobnicate"], capsys)
-    one_line_error(code, err, "unknown command 'frobnicate'", "search, export, train, report, dashboard")
+    one_line_error(code, err, "unknown command 'frobnicate'", "search, confirm, export, train, report, dashboard")
     code, _, err = run_cli(["spaces/digits.yaml"], capsys)
     one_line_error(code, err, "did you mean --space spaces/digits.yaml?")
     assert parse_args(["--space", "x.yaml"]).command == "search"  # the default command still needs no name
