@@ -292,7 +292,9 @@ def _run(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        if sys.stderr.isatty():
+        from ackd_search.progress import end_live_lines
+
+        if not end_live_lines() and sys.stderr.isatty():
             print(file=sys.stderr)  # end the live progress line this message would otherwise be glued to
         print(f"interrupted: {INTERRUPTED.get(args.command, 'stopped before finishing')}", file=sys.stderr)
         return 130

@@ -61,7 +61,10 @@ def preset_config(space: Space, preset: str) -> RunConfig:
             set_path(data, path, value)
     distill = {"student": DistillConfig(method="student"), "kd": kd_distill(), "reference": reference_distill()}
     data["distill"] = to_dict(distill[preset])
-    return from_dict(RunConfig, data, source=f"{space.source}: preset {preset}")
+    cfg = from_dict(RunConfig, data, source=f"{space.source}: preset {preset}")
+    if cfg.distill.method == "ackd":  # explicit, as a search trial's config has it, so equal configs share a key
+        cfg.distill.ackd.aux_placements = cfg.distill.ackd.resolved_placements(space.num_stages)
+    return cfg
 
 
 def source_config(space: Space, study: optuna.Study, source: str) -> RunConfig:
@@ -249,8 +252,12 @@ def _base(results: list[Confirmed], preset: str) -> Confirmed | None:
 
 def winner(study: optuna.Study, min_seeds: int = 2) -> Confirmed | None:
     """The configuration with the best mean over its confirmation seeds (at least `min_seeds` of them)."""
-    results = [c for c in confirmed(study) if len(c.by_seed) >= min_seeds]
-    return results[0] if results else None
+    return _winner_of(confirmed(study), min_seeds)
+
+
+def _winner_of(results: list[Confirmed], min_seeds: int = 2) -> Confirmed | None:
+    ready = [c for c in results if len(c.by_seed) >= min_seeds]
+    return ready[0] if ready else None
 
 
 def confirmation_table(study: optuna.Study) -> list[str]:
@@ -266,17 +273,17 @@ def confirmation_table(study: optuna.Study) -> list[str]:
              f"{pct}% t intervals):",
              f"  {'configuration':<20} {'n':>2} {'mean ± std':>14}  {'vs KD':<24} {'vs reference':<24}"]
     for c in results:
-        vs_kd = paired_difference(c, kd) if kd is not None and c is not kd else None
-        vs_ref = paired_difference(c, ref) if ref is not None and c is not ref else None
+        vs_kd = paired_difference(c, kd) if kd is not None and c.key != kd.key else None
+        vs_ref = paired_difference(c, ref) if ref is not None and c.key != ref.key else None
         spread = f"{c.mean:6.2f} ± {c.std:4.2f}" if len(c.by_seed) > 1 else f"{c.mean:6.2f}"
         lines.append(f"  {c.label:<20} {len(c.by_seed):>2} {spread:>14}  {vs_kd.text() if vs_kd else '-':<24} "
                      f"{vs_ref.text() if vs_ref else '-':<24}")
-    best = winner(study)
+    best = _winner_of(results)
     if best is None:
         return lines + ["winner: none yet (each configuration needs at least 2 complete seeds)"]
     verdicts = []
     for name, base in (("KD", kd), ("reference", ref)):
-        diff = paired_difference(best, base) if base is not None and base is not best else None
+        diff = paired_difference(best, base) if base is not None and base.key != best.key else None
         if diff is None:
             continue
         if diff.separable:

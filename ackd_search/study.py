@@ -202,7 +202,8 @@ def _logger(stream=None, tag: str = "") -> Callable[[str], None]:
 
 
 def _optimize(space: Space, study: optuna.Study, stream=None, tag: str = "", **limits) -> None:
-    progress = Progress(space, stream, f"[{tag}] " if tag else "")
+    progress = Progress(space, stream, f"[{tag}] " if tag else "", study=study, total=limits.get("n_trials"),
+                        timeout_s=limits.get("timeout"))
     objective = trial_objective(space, StudyPaths.for_space(space), progress,
                                 sampler_seed=getattr(study, "sampler_seed", None))
     study.optimize(objective, catch=(Exception,), callbacks=[progress.trial_done], gc_after_trial=True, **limits)
@@ -211,6 +212,7 @@ def _optimize(space: Space, study: optuna.Study, stream=None, tag: str = "", **l
 def run_confirmation(space: Space, study: optuna.Study, stream=None, tag: str = "") -> None:
     """Queue the confirmation runs still missing and run every waiting one (resumes an interrupted confirmation)."""
     from ackd_search.confirm import enqueue_confirmation, waiting_confirmations
+    from ackd_search.notes import annotate_study
 
     enqueue_confirmation(space, study, _logger(stream, tag))
     while waiting_confirmations(study) > 0:
@@ -220,6 +222,7 @@ def run_confirmation(space: Space, study: optuna.Study, stream=None, tag: str = 
         _optimize(space, study, stream, tag, n_trials=before)
         if len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,))) >= before:
             break  # nothing was taken (another process holds them): leave them to it
+    annotate_study(study)  # the dashboard's study note: search trials, confirmation runs and the table
 
 
 def confirm_study(space: Space, storage_url: str | None = None, stream=None) -> optuna.Study:

@@ -88,7 +88,10 @@ def _train_teacher(cfg: RunConfig, splits: DataSplits, entry: Path) -> dict[str,
         eval_test=False,
         output_dir=str(run_dir),
     )
-    result = train(teacher_cfg, splits=splits, teacher=None, teacher_info=None)
+    from ackd_search.progress import EpochBar  # here: progress -> objective -> runner imports this module
+
+    progress = EpochBar(f"teacher {cfg.teacher.arch}", teacher_cfg.optim.epochs)
+    result = train(teacher_cfg, progress, splits=splits, teacher=None, teacher_info=None)
     save_atomic(result.student_state, entry / WEIGHTS)
     manifest = {
         "arch": cfg.teacher.arch,

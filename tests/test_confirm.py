@@ -194,3 +194,21 @@ def test_a_float_distribution_is_reported_in_the_study(tmp_path: Path) -> None:
     study = optuna.create_study(direction="maximize")
     study.add_trial(create_trial(value=1.0, params={"x": 0.5}, distributions={"x": FloatDistribution(0, 1)}))
     assert not confirmations(study)
+
+
+def test_a_preset_winner_is_not_compared_with_itself() -> None:
+    study = optuna.create_study(direction="maximize")
+    for seed, (kd, ref) in enumerate([(96.0, 95.0), (96.5, 95.2), (97.0, 95.1)], start=1):
+        study.add_trial(_confirmed_trial("kd", "preset:kd", seed, kd))
+        study.add_trial(_confirmed_trial("reference", "preset:reference", seed, ref))
+    text = "\n".join(confirmation_table(study))
+    winner_line = text.splitlines()[-1]
+    assert winner_line.startswith("winner: kd") and "from KD" not in winner_line and "KD by" not in winner_line
+    assert "above reference by +1.40" in winner_line
+
+
+def test_the_reference_preset_trial_is_folded_into_the_reference_baseline(tmp_path: Path) -> None:
+    space = load_space(write(tmp_path / "s.yaml", tiny_space(tmp_path)))
+    values, outside = space.preset_values("reference")
+    assert not outside
+    assert config_key(space.run_config(values)) == config_key(preset_config(space, "reference"))
