@@ -11,9 +11,8 @@ import optuna
 import pytest
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
-from tiny_space import tiny_space, write
+from tiny_space import interrupted_at_epoch, tiny_space, write
 
-import ackd_search.objective as objective_module
 from ackd_search.confirm import (
     CONFIRMS,
     Confirmed,
@@ -93,20 +92,9 @@ def test_an_interrupted_confirmation_resumes_with_its_labels(tmp_path: Path, tea
                                                             monkeypatch) -> None:
     space = confirm_space(tmp_path, teacher_cache, top_k=0, presets=["kd"], epochs=3)
     study = run_search(space, n_trials=2, confirm=False)  # both presets: nothing else is waiting
-    real_call = objective_module.OptunaReporter.__call__
-    calls = []
-
-    def stop_in_epoch_two(self, epoch, metrics):
-        real_call(self, epoch, metrics)
-        if CONFIRMS in self.trial.user_attrs:
-            calls.append(epoch)
-        if epoch == 2 and calls == [1, 2]:  # the first confirmation run, in its second epoch
-            raise KeyboardInterrupt("signal 2")
-
-    monkeypatch.setattr(objective_module.OptunaReporter, "__call__", stop_in_epoch_two)
-    with pytest.raises(KeyboardInterrupt):
+    first_confirmation = lambda reporter: CONFIRMS in reporter.trial.user_attrs  # noqa: E731
+    with interrupted_at_epoch(monkeypatch, 2, first_confirmation), pytest.raises(KeyboardInterrupt):
         confirm_study(space)
-    monkeypatch.undo()
     study = confirm_study(space)
     runs = confirmations(study)
     interrupted = [t for t in runs if t.user_attrs.get("interrupted")]

@@ -16,7 +16,7 @@ import pytest
 import sqlalchemy
 from optuna.trial import TrialState
 from test_workers import SERVERS, reachable_or_skip
-from tiny_space import tiny_space, write
+from tiny_space import interrupted_at_epoch, tiny_space, write
 
 from ackd_search.objective import OptunaReporter, StudyPaths, upload_curve
 from ackd_search.space import load_space
@@ -120,22 +120,12 @@ def test_a_200_epoch_curve_with_four_learners_stores_on_mariadb(tmp_path: Path) 
 
 def test_a_deleted_studys_checkpoint_is_never_resumed(tmp_path: Path, teacher_cache: Path, monkeypatch) -> None:
     """Run folders are named by trial number: a new study under the same name must not resume the old one's."""
-    import ackd_search.objective as objective_module
     from ackd_search.study import run_search
 
     data = tiny_space(tmp_path, teacher_cache=teacher_cache, n_trials=1)
     space = load_space(write(tmp_path / "space.yaml", data))
-    real_call = objective_module.OptunaReporter.__call__
-
-    def stop_after_epoch_two(self, epoch, metrics):
-        real_call(self, epoch, metrics)
-        if epoch == 2:
-            raise KeyboardInterrupt("signal 2")
-
-    monkeypatch.setattr(objective_module.OptunaReporter, "__call__", stop_after_epoch_two)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at_epoch(monkeypatch, 2), pytest.raises(KeyboardInterrupt):
         run_search(space, confirm=False)
-    monkeypatch.undo()
     run_dir = tmp_path / "tiny-runs" / "trial-00000"
     assert (run_dir / "checkpoint.pt").exists()
     (tmp_path / "tiny.db").unlink()  # the user deletes the study and starts again
@@ -151,22 +141,12 @@ def test_an_interrupted_preset_is_requeued_with_its_label_and_resumes(tmp_path: 
                                                                       monkeypatch) -> None:
     import io
 
-    import ackd_search.objective as objective_module
     from ackd_search.study import run_search
 
     space = load_space(write(tmp_path / "space.yaml", tiny_space(tmp_path, teacher_cache=teacher_cache,
                                                                  n_trials=1)))
-    real_call = objective_module.OptunaReporter.__call__
-
-    def stop_after_epoch_two(self, epoch, metrics):
-        real_call(self, epoch, metrics)
-        if epoch == 2:
-            raise KeyboardInterrupt("signal 15")
-
-    monkeypatch.setattr(objective_module.OptunaReporter, "__call__", stop_after_epoch_two)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at_epoch(monkeypatch, 2), pytest.raises(KeyboardInterrupt):
         run_search(space, confirm=False)
-    monkeypatch.undo()
     out = io.StringIO()
     study = run_search(space, n_trials=2, confirm=False, stream=out)  # the queued KD preset runs first
     first, rerun = study.trials[0], study.trials[-1]
@@ -237,7 +217,6 @@ def test_an_interrupted_heartbeat_retry_resumes_in_its_originals_folder(tmp_path
                                                                         monkeypatch) -> None:
     import time
 
-    import ackd_search.objective as objective_module
     from ackd_search.study import run_search
 
     data = tiny_space(tmp_path, teacher_cache=teacher_cache, presets=False, n_trials=1)
@@ -247,17 +226,8 @@ def test_an_interrupted_heartbeat_retry_resumes_in_its_originals_folder(tmp_path
     space.suggest(killed)  # a worker drew the parameters, then was SIGKILLed before its first epoch
     study._storage.record_heartbeat(killed._trial_id)
     time.sleep(space.study.grace_period_s + 1)
-    real_call = objective_module.OptunaReporter.__call__
-
-    def stop_after_epoch_two(self, epoch, metrics):
-        real_call(self, epoch, metrics)
-        if epoch == 2:
-            raise KeyboardInterrupt("signal 2")
-
-    monkeypatch.setattr(objective_module.OptunaReporter, "__call__", stop_after_epoch_two)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at_epoch(monkeypatch, 2), pytest.raises(KeyboardInterrupt):
         run_search(space, confirm=False)  # the stale trial is retried as trial 1, in trial-00000, and interrupted
-    monkeypatch.undo()
     study = run_search(space, confirm=False)
     killed, retry, rerun = study.trials[:3]
     assert killed.state == TrialState.FAIL and retry.user_attrs["interrupted"]

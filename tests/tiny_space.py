@@ -65,3 +65,30 @@ def stored_epochs(db: Path) -> int:
             return int(conn.execute("SELECT count(*) FROM trial_intermediate_values").fetchone()[0])
     except sqlite3.Error:
         return 0
+
+
+def interrupted_at_epoch(monkeypatch, epoch: int, when=lambda reporter: True):
+    """Make the search's per-epoch reporter raise KeyboardInterrupt (as SIGINT does) after `epoch` is reported, for
+    the first trial `when(reporter)` accepts; use as `with interrupted_at_epoch(...):` around the interrupted run."""
+    import contextlib
+
+    import ackd_search.objective as objective_module
+
+    real_call = objective_module.OptunaReporter.__call__
+    fired = []
+
+    def stop(self, reached, metrics):
+        real_call(self, reached, metrics)
+        if reached == epoch and not fired and when(self):
+            fired.append(self.trial.number)
+            raise KeyboardInterrupt("signal 2")
+
+    @contextlib.contextmanager
+    def patched():
+        monkeypatch.setattr(objective_module.OptunaReporter, "__call__", stop)
+        try:
+            yield fired
+        finally:
+            monkeypatch.undo()
+
+    return patched()
