@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -147,7 +148,13 @@ def get_teacher(cfg: RunConfig, splits: DataSplits, device: torch.device) -> tup
     manifest = read_manifest(entry)
     if manifest is None:
         with _locked(entry.with_suffix(".lock")):
-            manifest = read_manifest(entry) or _train_teacher(cfg, splits, entry)
+            manifest = read_manifest(entry)
+            if manifest is None:
+                if (entry / MANIFEST).exists() or (entry / WEIGHTS).exists():
+                    print(f"ackd-search: teacher cache {entry} is incomplete or corrupt (missing file, bad manifest or "
+                          "weights that do not match their sha256): training the teacher again", file=sys.stderr,
+                          flush=True)
+                manifest = _train_teacher(cfg, splits, entry)
     state = load_checkpoint(entry / WEIGHTS)
     model = _build(cfg, splits, state, str(entry / WEIGHTS)).to(device).eval()
     return model, {**manifest, "cache_entry": str(entry)}

@@ -132,14 +132,17 @@ def drop_weights(entry: Path) -> None:
 
 @pytest.mark.parametrize("damage", [damage_weights, drop_manifest, truncate_manifest, drop_weights])
 def test_damaged_entry_is_never_used_and_is_retrained(tmp_path: Path, splits: DataSplits,
-                                                      train_calls: list[RunConfig], damage) -> None:
+                                                      train_calls: list[RunConfig], damage, capsys) -> None:
     cfg = teacher_config(tmp_path)
     original, _ = get_teacher(cfg, splits, CPU)
     entry = cache_entry(cfg)
     damage(entry)
+    capsys.readouterr()
 
     retrained, info = get_teacher(cfg, splits, CPU)
     assert len(train_calls) == 2
+    said = capsys.readouterr().err
+    assert f"teacher cache {entry} is incomplete or corrupt" in said and said.count("\n") == 1  # not in silence
     assert json.loads((entry / MANIFEST).read_text())["sha256"] == info["sha256"]
     assert info["sha256"] == hashlib.sha256((entry / WEIGHTS).read_bytes()).hexdigest()
     # Teacher training is seeded, so the repaired entry holds the same weights as the first one.
