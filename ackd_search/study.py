@@ -94,7 +94,9 @@ def enqueue_presets(study: optuna.Study, space: Space, log: Callable[[str], None
     for preset in ("reference", "kd"):
         wanted = "ackd" if preset == "reference" else "kd"
         if wanted not in methods:
-            log(f"preset {preset!r} skipped: distill.method {wanted!r} is not in this space")
+            baseline = preset in getattr(space.study.confirm, "presets", ())
+            log(f"preset {preset!r}: distill.method {wanted!r} is not searched in this space"
+                + ("; the confirmation stage trains it as a baseline" if baseline else "; not run"))
             continue
         values, outside = space.preset_values(preset)
         if "distill.method" in {p.path for p in space.params}:
