@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 from test_export import told
-from tiny_space import tiny_space, write
+from tiny_space import run_cli, tiny_space, write
 
 import ackd_search.cli as cli
 from ackd_search import __version__
@@ -28,13 +28,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning
 WORKER_ONLY = {"--seed-offset", "--worker-tag", "--no-requeue"}  # set by the --workers parent, hidden from users
 
 
-def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        code = main(argv)
-    except SystemExit as stop:
-        code = stop.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def run_process(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:

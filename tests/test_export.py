@@ -12,9 +12,8 @@ import optuna
 import pytest
 import yaml
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
-from tiny_space import tiny_space, write
+from tiny_space import run_cli, tiny_space, write
 
-from ackd_search.cli import main
 from ackd_search.config import load_run_config, to_dict
 from ackd_search.export import export_config, load_trial_config, select_trial
 from ackd_search.objective import CONFIRMS, StudyPaths
@@ -67,13 +66,6 @@ def made(tmp_path: Path):
     return space, study, path, data
 
 
-def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        code = main(argv)
-    except SystemExit as stop:
-        code = stop.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def refused(code: int, err: str, fragment: str) -> None:

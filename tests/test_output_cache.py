@@ -209,7 +209,8 @@ def test_two_worker_processes_compute_it_once(tmp_path: Path) -> None:
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
-    assert len({out.split()[1] for out, _ in outs}) == 1 and all(out.startswith("used") for out, _ in outs)
+    results = [out.strip().splitlines()[-1].split() for out, _ in outs]  # after the teacher's progress lines
+    assert len({directory for _, directory in results}) == 1 and all(status == "used" for status, _ in results)
     computing = [err.count("teacher output cache: computing") for _, err in outs]
     assert sorted(computing) == [0, 1]
     splits = get_splits(DataConfig(name="digits"))

@@ -92,3 +92,15 @@ def interrupted_at_epoch(monkeypatch, epoch: int, when=lambda reporter: True):
             monkeypatch.undo()
 
     return patched()
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    """`search.py argv` in this process: its exit code and what it printed."""
+    from ackd_search.cli import main
+
+    try:
+        code = main(argv)
+    except SystemExit as stop:
+        code = stop.code
+    out, err = capsys.readouterr()
+    return code, out, err
