@@ -63,6 +63,13 @@ def _is_tty(stream) -> bool:
         return False
 
 
+def _close_bar(bar: tqdm | None) -> None:
+    """Close a live bar (if any) and forget it; returns None, the bar's new value."""
+    if bar is not None:
+        _OPEN_BARS.discard(bar)
+        bar.close()
+
+
 class EpochBar:
     """A reporter for one training run (`train(cfg, EpochBar(...))`): a one-line bar on a terminal, else a plain
     line at most every `every_s` seconds and at the last epoch. Used for the teacher and for long final trainings."""
@@ -95,10 +102,7 @@ class EpochBar:
             self.stream.flush()
 
     def close(self) -> None:
-        if self.bar is not None:
-            _OPEN_BARS.discard(self.bar)
-            self.bar.close()
-            self.bar = None
+        self.bar = _close_bar(self.bar)
 
 
 class Progress:
@@ -202,10 +206,7 @@ class Progress:
         self.stream.flush()
 
     def _close_bar(self) -> None:
-        if self.bar is not None:
-            _OPEN_BARS.discard(self.bar)
-            self.bar.close()
-            self.bar = None
+        self.bar = _close_bar(self.bar)
 
     def _fixed_method(self) -> str:
         method = self.space.base.get("distill", {}).get("method", "")

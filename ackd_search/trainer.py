@@ -494,9 +494,8 @@ class _Run:
         With the teacher-output cache, the batch's teacher outputs are `teacher_out`, or gathered by `views`."""
         if teacher_out is None and views is not None and self.teacher_outputs is not None:
             teacher_out = self.teacher_outputs.gather(views)
-        cached = {"teacher_out": teacher_out} if teacher_out is not None else {}  # the 3-argument call otherwise
         with (autocast or self.autocast)():
-            _, loss, terms = self.distiller.forward_train(x, y, epoch, **cached)
+            _, loss, terms = self.distiller.forward_train(x, y, epoch, teacher_out=teacher_out)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import optuna
 import pytest
-from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 from tiny_space import interrupted_at_epoch, tiny_space, write
 
@@ -176,12 +175,6 @@ def test_presets_survive_a_trial_created_before_they_are_queued(tmp_path: Path) 
     enqueue_presets(study, space, log=lambda _: None)  # twice: still queued once
     waiting = study.get_trials(states=(TrialState.WAITING,))
     assert sorted(t.user_attrs["preset"] for t in waiting) == ["kd", "reference"]
-
-
-def test_a_float_distribution_is_reported_in_the_study(tmp_path: Path) -> None:
-    study = optuna.create_study(direction="maximize")
-    study.add_trial(create_trial(value=1.0, params={"x": 0.5}, distributions={"x": FloatDistribution(0, 1)}))
-    assert not confirmations(study)
 
 
 def test_a_preset_winner_is_not_compared_with_itself() -> None:

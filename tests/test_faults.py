@@ -137,8 +137,8 @@ def test_non_finite_loss_stops_that_trial_only(tmp_path: Path, teacher_cache: Pa
     study.enqueue_trial({"optim.lr": 0.05, "distill.temperature": 4.0})
     real_step = KD.forward_train
 
-    def diverging(self, x, y, epoch):
-        logits, loss, terms = real_step(self, x, y, epoch)
+    def diverging(self, x, y, epoch, teacher_out=None):
+        logits, loss, terms = real_step(self, x, y, epoch, teacher_out=teacher_out)
         if epoch >= 1 and self.training and self.student_lr == blowup_lr:
             loss = loss * float("nan")
         return logits, loss, terms
