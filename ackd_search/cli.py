@@ -14,6 +14,22 @@ import sys
 from pathlib import Path
 
 from ackd_search import __version__
+from ackd_search.backends.local import confirm_study, run_search
+from ackd_search.backends.workers import run_workers
+from ackd_search.config import load_run_config
+from ackd_search.errors import CheckpointError, ConfigError, DataError, StudyError, UsageError
+from ackd_search.models import UnknownModelError
+from ackd_search.search.record import StudyPaths
+from ackd_search.search.space import load_space
+from ackd_search.search.study import open_existing_study, quiet_optuna
+from ackd_search.train import run_training
+from ackd_search.view.export import describe, select_trial, write_export
+from ackd_search.view.progress import EpochBar, end_live_lines
+from ackd_search.view.report import write_report
+from ackd_search.view.summary import summary
+
+# The errors a user can cause: printed as one line on stderr with exit code 2, never a traceback.
+USER_ERRORS = (ConfigError, DataError, UnknownModelError, StudyError, CheckpointError, UsageError)
 
 COMMANDS = {
     "search": "run or resume the study a space file names (the default command)",
@@ -151,19 +167,13 @@ def _stop_on_signal(signum, frame):
 
 
 def cmd_search(args) -> int:
-    from ackd_search.progress import summary
-    from ackd_search.space import load_space
-    from ackd_search.study import run_search
-
     space = load_space(args.space)
     if args.backend == "ray":
-        from ackd_search.ray_backend import run_ray_search
+        from ackd_search.backends.ray_run import run_ray_search  # Ray is loaded only when asked for
 
         study = run_ray_search(space, n_trials=args.n_trials, storage_url=args.storage, address=args.address,
                                timeout_s=args.timeout, seed_offset=args.seed_offset, confirm=not args.no_confirm)
     elif args.workers == "auto" or args.workers > 1:
-        from ackd_search.workers import run_workers
-
         return run_workers(args, space)
     else:
         study = run_search(space, args.n_trials, args.timeout, args.storage, seed_offset=args.seed_offset,
@@ -174,11 +184,8 @@ def cmd_search(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from ackd_search.export import describe, load_existing_study, select_trial, write_export
-    from ackd_search.space import load_space
-
     space = load_space(args.space)
-    study = load_existing_study(space, args.storage)
+    study = open_existing_study(space, args.storage)
     trial = select_trial(study, args.trial)
     out = Path(args.out or f"studies/{space.study.name}-best.yaml")
     cfg = write_export(space, study, trial, out, args.epochs, force=args.force)
@@ -187,9 +194,6 @@ def cmd_export(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from ackd_search.config import load_run_config
-    from ackd_search.runner import run_training
-
     cfg = load_run_config(args.config)
     cfg.output_dir = args.output_dir or cfg.output_dir or f"studies/final/{Path(args.config).stem}"
     cfg.eval_test = True
@@ -200,7 +204,7 @@ def cmd_train(args) -> int:
         print(f"epoch {epoch:>4}/{cfg.optim.epochs}  val_acc {metrics['val_acc']:6.2f}  "
               f"loss {metrics['terms']['loss']:.4f}  lr {metrics['lr']:.4g}{note}", flush=True)
 
-    result = run_training(cfg, reporter=show)
+    result = run_training(cfg, reporter=show, teacher_progress=EpochBar)
     print(f"final: student {cfg.student} val_acc {result.final_val_acc:.2f}  test_acc {result.test_acc:.2f}  "
           f"({result.student_params:,} params, {result.student_flops / 1e6:.2f} MFLOPs; {result.device}); "
           f"results in {cfg.output_dir}")
@@ -210,7 +214,6 @@ def cmd_train(args) -> int:
 def _refuse_or_clear_finished_run(run_dir: Path, force: bool) -> None:
     """A finished run is not trained again by accident (that would read the test set again and overwrite its
     result); with `force` its checkpoint and results are removed, so it trains from scratch."""
-    from ackd_search.errors import UsageError
 
     result = run_dir / "result.json"
     if not result.exists():
@@ -228,13 +231,8 @@ def _refuse_or_clear_finished_run(run_dir: Path, force: bool) -> None:
 
 
 def cmd_report(args) -> int:
-    from ackd_search.export import load_existing_study
-    from ackd_search.progress import summary
-    from ackd_search.report import write_report
-    from ackd_search.space import load_space
-
     space = load_space(args.space)
-    study = load_existing_study(space, args.storage)
+    study = open_existing_study(space, args.storage)
     print(summary(study))
     written = write_report(study, Path(args.out or f"studies/{space.study.name}-report"))
     print("wrote " + ", ".join(str(p) for p in written))
@@ -242,22 +240,14 @@ def cmd_report(args) -> int:
 
 
 def cmd_confirm(args) -> int:
-    from ackd_search.progress import summary
-    from ackd_search.space import load_space
-    from ackd_search.study import confirm_study
-
     print(summary(confirm_study(load_space(args.space), args.storage)))
     return 0
 
 
 def cmd_dashboard(args) -> int:
-    from ackd_search.export import load_existing_study
-    from ackd_search.objective import StudyPaths
-    from ackd_search.space import load_space
-
     space = load_space(args.space)
     url = args.storage or space.storage_url
-    load_existing_study(space, url)  # a study that is not there is reported, not created empty by the dashboard
+    open_existing_study(space, url)  # a study that is not there is reported, not created empty by the dashboard
     artifacts = StudyPaths.for_space(space).artifacts
     artifacts.mkdir(parents=True, exist_ok=True)
     # The dashboard installed beside this Python, so it works without activating the virtual environment.
@@ -279,9 +269,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ackd_search.errors import USER_ERRORS
-    from ackd_search.study import quiet_optuna
-
     quiet_optuna()
 
     commands = {"search": cmd_search, "confirm": cmd_confirm, "export": cmd_export, "train": cmd_train,
@@ -292,8 +279,6 @@ def _run(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        from ackd_search.progress import end_live_lines
-
         if not end_live_lines() and sys.stderr.isatty():
             print(file=sys.stderr)  # end the live progress line this message would otherwise be glued to
         print(f"interrupted: {INTERRUPTED.get(args.command, 'stopped before finishing')}", file=sys.stderr)

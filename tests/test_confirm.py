@@ -12,19 +12,14 @@ import pytest
 from optuna.trial import TrialState, create_trial
 from tiny_space import interrupted_at_epoch, tiny_space, write
 
-from ackd_search.confirm import (
-    CONFIRMS,
-    Confirmed,
-    config_key,
-    confirmation_table,
-    paired_difference,
-    preset_config,
-    winner,
-    winner_config,
-)
-from ackd_search.space import load_space
-from ackd_search.storage import make_storage
-from ackd_search.study import confirm_study, enqueue_presets, open_study, quiet_optuna, run_search
+from ackd_search.backends.local import confirm_study, run_search
+from ackd_search.search.compare import Confirmed, paired_difference, winner, winner_config
+from ackd_search.search.confirm import config_key, preset_config
+from ackd_search.search.record import CONFIRMS
+from ackd_search.search.space import load_space
+from ackd_search.search.storage import make_storage
+from ackd_search.search.study import enqueue_presets, open_study, quiet_optuna
+from ackd_search.view.tables import confirmation_table
 
 quiet_optuna()
 

@@ -9,10 +9,13 @@ from dataclasses import replace
 import pytest
 import torch
 
-import ackd_search.trainer as trainer
+import ackd_search.train.checkpoints as trainer
 from ackd_search.config import AckdConfig, DataConfig, DistillConfig, OptimConfig, RunConfig, kd_distill
+from ackd_search.data.sources import get_splits
 from ackd_search.models import create_model
-from ackd_search.trainer import _CapturedStep, _Run, get_splits, train
+from ackd_search.train.captured import CapturedStep as _CapturedStep
+from ackd_search.train.loop import Run as _Run
+from ackd_search.train.loop import train
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

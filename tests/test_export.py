@@ -15,11 +15,13 @@ from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 from tiny_space import run_cli, tiny_space, write
 
 from ackd_search.config import load_run_config, to_dict
-from ackd_search.export import export_config, load_trial_config, select_trial
-from ackd_search.objective import CONFIRMS, StudyPaths
-from ackd_search.space import Space, load_space
-from ackd_search.storage import StudyError, make_storage
-from ackd_search.study import open_study, quiet_optuna
+from ackd_search.errors import StudyError
+from ackd_search.search.artifacts import stored_config
+from ackd_search.search.record import CONFIRMS, StudyPaths
+from ackd_search.search.space import Space, load_space
+from ackd_search.search.storage import make_storage
+from ackd_search.search.study import open_study, quiet_optuna
+from ackd_search.view.export import export_config, select_trial
 
 quiet_optuna()
 pytestmark = pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")  # ask/tell, no optimize loop
@@ -82,11 +84,11 @@ def test_load_trial_config_reads_the_artifact_then_the_attribute(made, tmp_path:
     space, study, _, _ = made
     told(study, space, 80.0, artifact=True, optim__batch_size=17)
     plain, old, stored = study.trials[0], study.trials[1], study.trials[2]
-    artifacts = StudyPaths.for_space(space).artifacts
-    assert load_trial_config(stored, artifacts)["optim"]["batch_size"] == 17
-    assert load_trial_config(old, artifacts) == old.user_attrs["config"]
+    paths = StudyPaths.for_space(space)
+    assert stored_config(stored, paths)["optim"]["batch_size"] == 17
+    assert stored_config(old, paths) == old.user_attrs["config"]
     bare = optuna.trial.create_trial(params=plain.params, distributions=plain.distributions, value=1.0)
-    assert load_trial_config(bare, artifacts) is None
+    assert stored_config(bare, paths) is None
 
 
 def test_export_writes_the_trials_own_config_not_the_space_values(made, tmp_path: Path) -> None:

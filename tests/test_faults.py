@@ -19,11 +19,13 @@ import torch
 from optuna.trial import TrialState
 from tiny_space import tiny_space, write
 
-import ackd_search.objective as objective_module
-import ackd_search.trainer as trainer_module
+import ackd_search.search.objective as objective_module
+import ackd_search.train.loop as trainer_module
+from ackd_search.backends.local import run_search
 from ackd_search.distill import KD
-from ackd_search.space import load_space
-from ackd_search.study import make_storage, open_study, quiet_optuna, run_search
+from ackd_search.search.space import load_space
+from ackd_search.search.storage import make_storage
+from ackd_search.search.study import open_study, quiet_optuna
 
 ROOT = Path(__file__).resolve().parent.parent
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
@@ -143,14 +145,14 @@ def test_non_finite_loss_stops_that_trial_only(tmp_path: Path, teacher_cache: Pa
             loss = loss * float("nan")
         return logits, loss, terms
 
-    real_init = trainer_module._Run.__init__
+    real_init = trainer_module.Run.__init__
 
     def remember_lr(self, cfg, reporter, **handed_in):
         real_init(self, cfg, reporter, **handed_in)
         self.distiller.student_lr = cfg.optim.lr
 
     monkeypatch.setattr(KD, "forward_train", diverging)
-    monkeypatch.setattr(trainer_module._Run, "__init__", remember_lr)
+    monkeypatch.setattr(trainer_module.Run, "__init__", remember_lr)
     study = run_search(space, confirm=False)
     blown, fine = study.trials
     assert blown.state == TrialState.PRUNED

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ackd_search.packing import (
+from ackd_search.backends.packing import (
     TRIALS_PER_GPU_WITH_MPS,
     TRIALS_PER_GPU_WITHOUT_MPS,
     WorkerSlot,

@@ -20,12 +20,15 @@ import torch
 from optuna.trial import TrialState
 from tiny_space import stored_epochs, tiny_space, write
 
+from ackd_search.backends.local import run_search
+from ackd_search.backends.ray_run import run_ray_search
 from ackd_search.config import ConfigError
-from ackd_search.export import export_config, select_trial
+from ackd_search.errors import StudyError
 from ackd_search.models import count_parameters, create_model
-from ackd_search.ray_backend import run_ray_search
-from ackd_search.space import load_space
-from ackd_search.study import StudyError, enqueue_presets, make_storage, open_study, quiet_optuna, run_search
+from ackd_search.search.space import load_space
+from ackd_search.search.storage import make_storage
+from ackd_search.search.study import enqueue_presets, open_study, quiet_optuna
+from ackd_search.view.export import export_config, select_trial
 
 ROOT = Path(__file__).resolve().parent.parent
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
@@ -234,7 +237,7 @@ def test_ctrl_c_leaves_no_trial_running(tmp_path: Path, teacher_cache: Path, ray
 
 def test_ray_stops_trials_by_the_studys_own_pruner_by_default(tmp_path: Path) -> None:
     """ASHA's default would stop the bottom 75 % at every rung, far harsher than the study's pruner."""
-    from ackd_search.ray_backend import resolve_ray_options, scheduler_kind
+    from ackd_search.backends.ray_run import resolve_ray_options, scheduler_kind
 
     space = load_space(write(tmp_path / "s.yaml", tiny_space(tmp_path)))
     assert scheduler_kind(space, resolve_ray_options(space)) == "pruner"

@@ -16,12 +16,14 @@ from optuna_dashboard import get_note
 from optuna_dashboard._note import get_note_from_system_attrs
 from tiny_space import tiny_space, write
 
+from ackd_search.backends.local import run_search
 from ackd_search.cli import main
-from ackd_search.confirm import search_trials
-from ackd_search.notes import PLOT_NAME, annotate_study
-from ackd_search.report import write_report
-from ackd_search.space import load_space
-from ackd_search.study import quiet_optuna, run_search
+from ackd_search.search.record import search_trials
+from ackd_search.search.space import load_space
+from ackd_search.search.study import quiet_optuna
+from ackd_search.view.notes import annotate_study
+from ackd_search.view.plots import PLOT_NAME
+from ackd_search.view.report import write_report
 
 quiet_optuna()
 

@@ -19,10 +19,14 @@ import torch
 from optuna.trial import TrialState
 from tiny_space import tiny_space, write
 
+from ackd_search.backends.local import run_search
 from ackd_search.config import load_run_config
+from ackd_search.errors import StudyError
 from ackd_search.models import count_parameters, create_model
-from ackd_search.space import load_space
-from ackd_search.study import StudyError, make_storage, open_study, quiet_optuna, run_search, summary
+from ackd_search.search.space import load_space
+from ackd_search.search.storage import make_storage
+from ackd_search.search.study import open_study, quiet_optuna
+from ackd_search.view.summary import summary
 
 ROOT = Path(__file__).resolve().parent.parent
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)

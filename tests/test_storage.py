@@ -18,10 +18,13 @@ from optuna.trial import TrialState
 from test_workers import SERVERS, reachable_or_skip
 from tiny_space import interrupted_at_epoch, tiny_space, write
 
-from ackd_search.objective import OptunaReporter, StudyPaths, upload_curve
-from ackd_search.space import load_space
-from ackd_search.storage import StudyError, check_storage, make_storage
-from ackd_search.study import open_study, quiet_optuna
+from ackd_search.errors import StudyError
+from ackd_search.search.artifacts import upload_curve
+from ackd_search.search.objective import OptunaReporter
+from ackd_search.search.record import StudyPaths
+from ackd_search.search.space import load_space
+from ackd_search.search.storage import check_storage, make_storage
+from ackd_search.search.study import open_study, quiet_optuna
 
 ROOT = Path(__file__).resolve().parent.parent
 quiet_optuna()
@@ -120,7 +123,7 @@ def test_a_200_epoch_curve_with_four_learners_stores_on_mariadb(tmp_path: Path) 
 
 def test_a_deleted_studys_checkpoint_is_never_resumed(tmp_path: Path, teacher_cache: Path, monkeypatch) -> None:
     """Run folders are named by trial number: a new study under the same name must not resume the old one's."""
-    from ackd_search.study import run_search
+    from ackd_search.backends.local import run_search
 
     data = tiny_space(tmp_path, teacher_cache=teacher_cache, n_trials=1)
     space = load_space(write(tmp_path / "space.yaml", data))
@@ -141,7 +144,7 @@ def test_an_interrupted_preset_is_requeued_with_its_label_and_resumes(tmp_path: 
                                                                       monkeypatch) -> None:
     import io
 
-    from ackd_search.study import run_search
+    from ackd_search.backends.local import run_search
 
     space = load_space(write(tmp_path / "space.yaml", tiny_space(tmp_path, teacher_cache=teacher_cache,
                                                                  n_trials=1)))
@@ -159,7 +162,7 @@ def test_an_interrupted_preset_is_requeued_with_its_label_and_resumes(tmp_path: 
 def test_a_trial_left_running_is_explained(tmp_path: Path, teacher_cache: Path) -> None:
     import io
 
-    from ackd_search.study import run_search
+    from ackd_search.backends.local import run_search
 
     space = load_space(write(tmp_path / "space.yaml", tiny_space(tmp_path, teacher_cache=teacher_cache,
                                                                  presets=False, n_trials=1)))
@@ -174,7 +177,7 @@ def test_a_dead_worker_is_named_and_its_share_runs_in_the_parent(tmp_path: Path,
                                                                  monkeypatch, capsys) -> None:
     import argparse
 
-    import ackd_search.workers as workers_module
+    import ackd_search.backends.workers as workers_module
 
     data = tiny_space(tmp_path, teacher_cache=teacher_cache, presets=False, n_trials=4)
     space = load_space(write(tmp_path / "space.yaml", data))
@@ -217,7 +220,7 @@ def test_an_interrupted_heartbeat_retry_resumes_in_its_originals_folder(tmp_path
                                                                         monkeypatch) -> None:
     import time
 
-    from ackd_search.study import run_search
+    from ackd_search.backends.local import run_search
 
     data = tiny_space(tmp_path, teacher_cache=teacher_cache, presets=False, n_trials=1)
     space = load_space(write(tmp_path / "space.yaml", data))

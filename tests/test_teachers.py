@@ -14,12 +14,15 @@ import pytest
 import torch
 from torch import nn
 
-from ackd_search import teachers
 from ackd_search.config import DataConfig, OptimConfig, RunConfig, TeacherConfig, kd_distill
 from ackd_search.data import DataSplits, DeviceLoader
+from ackd_search.data.sources import get_splits
+from ackd_search.errors import CheckpointError
 from ackd_search.models import create_model
-from ackd_search.teachers import MANIFEST, WEIGHTS, cache_entry, get_teacher, teacher_recipe
-from ackd_search.trainer import CheckpointError, evaluate, get_splits
+from ackd_search.train import teachers
+from ackd_search.train.loop import evaluate
+from ackd_search.train.output_cache import MANIFEST
+from ackd_search.train.teachers import WEIGHTS, cache_entry, get_teacher, teacher_recipe
 
 CPU = torch.device("cpu")
 

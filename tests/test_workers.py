@@ -16,8 +16,9 @@ import pytest
 from optuna.trial import TrialState
 from tiny_space import tiny_space, write
 
-from ackd_search.study import StudyError, check_storage
-from ackd_search.workers import shares
+from ackd_search.backends.workers import shares
+from ackd_search.errors import StudyError
+from ackd_search.search.storage import check_storage
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVERS = {
@@ -88,8 +89,8 @@ def test_two_workers_share_one_study(tmp_path: Path, teacher_cache: Path, backen
 
 
 def test_workers_auto_packs_per_gpu_and_is_a_worker_per_core_without_cuda(monkeypatch) -> None:
+    from ackd_search.backends.workers import worker_slots
     from ackd_search.cli import parse_args
-    from ackd_search.workers import worker_slots
 
     assert parse_args(["search", "--space", "x.yaml", "--workers", "auto"]).workers == "auto"
     with pytest.raises(SystemExit):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from ackd_search.config import DistillConfig, OptimConfig
+from ackd_search.distill.ackd import ACKD
 from ackd_search.distill.base import Distiller, kd_loss
 from ackd_search.distill.kd import KD, StudentOnly
 from ackd_search.models import StagedNet
@@ -21,6 +22,4 @@ def build_distiller(
         raise ValueError(f"distill.method {cfg.method!r} needs a teacher")
     if cfg.method == "kd":
         return KD(student, teacher, cfg.temperature, cfg.ce_weight, cfg.kd_weight)
-    from ackd_search.distill.ackd import ACKD
-
     return ACKD(student, teacher, cfg, optim, student_arch)

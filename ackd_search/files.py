@@ -1,0 +1,58 @@
+"""Files written so that a crash or a second process never sees half of one: atomic replace, checksums, and the
+cross-process lock that serialises building a shared cache entry (teachers, teacher outputs, decoded images)."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on `path` across processes: the second waits, then finds what the first built."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def temporary_name(path: Path) -> Path:
+    """A sibling name no other process uses, for a file about to replace `path`."""
+    return path.with_name(path.name + f".tmp{os.getpid()}")
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """`torch.save` to a temporary file, then rename: `path` is the old file or the new one, never half of one."""
+    tmp = temporary_name(path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = temporary_name(path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

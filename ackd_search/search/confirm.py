@@ -1,0 +1,171 @@
+"""Confirmation: the search's best distinct configurations and the baselines (student alone, KD, `reference`)
+retrained with fresh seeds, as trials of the same study, and the winner chosen by the mean over those seeds.
+
+A single-seed short run often picks noise. Each candidate is trained again with `study.confirm.seeds` seeds that
+no search trial used (the same seeds for every candidate, so differences are paired by seed), for
+`study.confirm.epochs` epochs (default: the trial budget). They are ordinary trials tagged `confirms`, so they
+resume after a crash, show in the dashboard, and are never pruned nor used to prune. Their results are read by
+`compare.py`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from ackd_search.config import DistillConfig, RunConfig, from_dict, kd_distill, reference_distill, set_path, to_dict
+from ackd_search.search.record import CONFIRMS, is_interrupted, search_trials
+from ackd_search.search.space import Space
+
+PRESETS = ("student", "kd", "reference")
+# Fields that do not make two configurations different: where a run writes, its seed and its length.
+_NOT_IDENTITY = ("output_dir", "seed", "eval_test")
+
+
+@dataclass
+class ConfirmPlan:
+    top_k: int = 3
+    seeds: int = 3
+    epochs: int | None = None
+    presets: tuple[str, ...] = PRESETS
+
+
+def plan_settings(space: Space) -> ConfirmPlan:
+    """The space's `study.confirm` settings (defaults when the space has none)."""
+    given = getattr(space.study, "confirm", None)
+    if given is None:
+        return ConfirmPlan()
+    return ConfirmPlan(top_k=given.top_k, seeds=given.seeds, epochs=given.epochs,
+                       presets=tuple(getattr(given, "presets", PRESETS)))
+
+
+# --- configurations -------------------------------------------------------------------------------------------
+
+
+def preset_config(space: Space, preset: str) -> RunConfig:
+    """A baseline as the recipe sets it: the space's fixed run config, the preset's searched values where the space
+    can hold them (else the recipe's), and the preset's distillation settings."""
+    values, _ = space.preset_values("reference" if preset == "reference" else "kd")
+    data = to_dict(from_dict(RunConfig, json.loads(json.dumps(space.base)), source=space.source))
+    for path, value in values.items():
+        if not path.startswith("distill."):
+            set_path(data, path, value)
+    distill = {"student": DistillConfig(method="student"), "kd": kd_distill(), "reference": reference_distill()}
+    data["distill"] = to_dict(distill[preset])
+    cfg = from_dict(RunConfig, data, source=f"{space.source}: preset {preset}")
+    if cfg.distill.method == "ackd":  # explicit, as a search trial's config has it, so equal configs share a key
+        cfg.distill.ackd.aux_placements = cfg.distill.ackd.resolved_placements(space.num_stages)
+    return cfg
+
+
+def source_config(space: Space, study: optuna.Study, source: str) -> RunConfig:
+    """`preset:NAME` or `trial:N` as a run config (the space's fingerprint was checked when the study opened)."""
+    kind, _, name = source.partition(":")
+    if kind == "preset":
+        return preset_config(space, name)
+    trial = study.get_trials(deepcopy=False)[int(name)]
+    return space.run_config(trial.params)
+
+
+def confirmation_config(space: Space, study: optuna.Study, attrs: dict[str, Any]) -> RunConfig:
+    """The run config of a confirmation trial, from its user attributes."""
+    cfg = source_config(space, study, attrs["confirm_source"])
+    cfg.seed = int(attrs["confirm_seed"])
+    cfg.optim.epochs = int(attrs["confirm_epochs"])
+    return cfg
+
+
+def config_key(cfg: RunConfig) -> str:
+    """Identifies what a configuration trains (not where, with which seed, nor for how long)."""
+    data = to_dict(cfg)
+    for name in _NOT_IDENTITY:
+        data.pop(name, None)
+    data["optim"].pop("epochs", None)
+    if data["distill"]["method"] != "ackd":
+        data["distill"].pop("ackd")
+    text = json.dumps(data, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+@dataclass
+class Candidate:
+    label: str  # "kd", "reference", "student", "#12", or "#12 = reference" when a trial equals a preset
+    source: str  # preset:NAME or trial:N
+    method: str
+    key: str
+    search_value: float | None = None  # the single-seed search trial's value, for the table
+
+
+def candidates(space: Space, study: optuna.Study, plan: ConfirmPlan) -> list[Candidate]:
+    """The presets, then the top-k distinct configurations of the search (a trial equal to a preset, or to a
+    better trial, is folded into it)."""
+    chosen: dict[str, Candidate] = {}
+    for preset in plan.presets:
+        cfg = preset_config(space, preset)
+        chosen.setdefault(config_key(cfg), Candidate(preset, f"preset:{preset}", cfg.distill.method, config_key(cfg)))
+    picked = 0
+    for trial in search_trials(study):
+        if picked >= plan.top_k:
+            break
+        cfg = space.run_config(trial.params)
+        key = config_key(cfg)
+        if key in chosen:
+            same = chosen[key]
+            if same.source.startswith("preset:") and "#" not in same.label:
+                same.label, same.search_value = f"#{trial.number} = {same.label}", trial.values[0]
+                picked += 1
+            continue
+        chosen[key] = Candidate(f"#{trial.number}", f"trial:{trial.number}", cfg.distill.method, key, trial.values[0])
+        picked += 1
+    return list(chosen.values())
+
+
+# --- planning and running ---------------------------------------------------------------------------------------
+
+
+def confirm_seeds(space: Space, plan: ConfirmPlan) -> list[int]:
+    """Seeds no search trial used: the space's seed + 1 .. + n (the same for every candidate: paired)."""
+    base = int(space.base.get("seed", 0))
+    return [base + i for i in range(1, plan.seeds + 1)]
+
+
+def confirm_epochs(space: Space, plan: ConfirmPlan) -> int:
+    return plan.epochs or space.run_config(space.default_values()).optim.epochs
+
+
+def _covered(study: optuna.Study) -> set[tuple[str, int]]:
+    """(config key, seed) pairs that have a confirmation run that is done, queued, running, or was re-queued."""
+    covered = set()
+    for t in study.get_trials(deepcopy=False):
+        if CONFIRMS in t.user_attrs and not is_interrupted(t):
+            covered.add((t.user_attrs["confirm_key"], int(t.user_attrs["confirm_seed"])))
+    return covered
+
+
+def enqueue_confirmation(space: Space, study: optuna.Study, log: Callable[[str], None] = print) -> int:
+    """Queue the confirmation runs still missing; returns how many were queued."""
+    plan = plan_settings(space)
+    if plan.seeds < 1 or (plan.top_k < 1 and not plan.presets):
+        return 0
+    covered, epochs, queued = _covered(study), confirm_epochs(space, plan), 0
+    chosen = candidates(space, study, plan)
+    for cand in chosen:
+        for seed in confirm_seeds(space, plan):
+            if (cand.key, seed) in covered:
+                continue
+            attrs = {CONFIRMS: cand.label, "confirm_key": cand.key, "confirm_seed": seed, "confirm_epochs": epochs,
+                     "confirm_source": cand.source}
+            study.enqueue_trial({}, user_attrs=attrs)
+            queued += 1
+    log(f"confirmation: {len(chosen)} configurations ({', '.join(c.label for c in chosen)}) x "
+        f"{plan.seeds} seeds {confirm_seeds(space, plan)}, {epochs} epochs: {queued} runs queued")
+    return queued
+
+
+def waiting_confirmations(study: optuna.Study) -> int:
+    return sum(CONFIRMS in t.user_attrs for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))

@@ -1,0 +1,178 @@
+"""The Optuna study: open or create it (presets enqueued once, race-free) or open an existing one read-only, the
+sampler seed of each process, interrupted trials re-queued, and the two phases of trials: the search and the
+confirmation of its candidates over seeds."""
+
+from __future__ import annotations
+
+import secrets
+import warnings
+from collections.abc import Callable
+
+import optuna
+from optuna.storages import RDBStorage
+from optuna.trial import TrialState
+
+from ackd_search.errors import StudyError
+from ackd_search.search.confirm import enqueue_confirmation, waiting_confirmations
+from ackd_search.search.hooks import QUIET, SearchHooks
+from ackd_search.search.objective import trial_objective
+from ackd_search.search.record import OBJECTIVE, REQUEUE_KEEPS, StudyPaths, is_interrupted, root_trial_number
+from ackd_search.search.samplers import make_pruner, make_sampler
+from ackd_search.search.space import Space
+from ackd_search.search.storage import existing_study, make_storage, safe_url, sqlite_path
+
+
+def open_study(space: Space, storage: RDBStorage, seed_offset: int = 0,
+               log: Callable[[str], None] = print) -> optuna.Study:
+    """Create the study (and enqueue the presets) or join it; refuses, writing nothing, a study created from a
+    different space. Safe when any number of processes start at once: one creates, the others join.
+
+    The process that creates the study samples with the space's seed (a fresh single-process search is
+    reproducible); every process that joins or resumes it draws a random seed, logged, so two workers, or two
+    machines started with the same command, never replay each other's draws."""
+    name = space.study.name
+    found = existing_study(storage, name)
+    if found is not None:
+        _check_same_space(found, space, storage)
+    options = {"study_name": name, "storage": storage, "pruner": make_pruner(space)}
+    created = False
+    if found is None:
+        seed = _base_seed(space) + seed_offset
+        try:
+            study = optuna.create_study(**options, sampler=make_sampler(space, seed), directions=_directions(space))
+            created = True
+        except optuna.exceptions.DuplicatedStudyError:
+            pass
+    if not created:
+        seed = secrets.randbits(31)
+        study = optuna.load_study(**options, sampler=make_sampler(space, seed))
+        _check_same_space(study, space, storage)
+    study.sampler_seed = seed  # read by the objective, which stores it with each trial
+    log(f"{'created' if created else 'joined'} study {name!r}; sampler {space.study.sampler.get('name')} seed {seed}")
+    if not created:
+        return study
+    study.set_user_attr("study_uid", secrets.token_hex(8))  # run folders and checkpoints belong to this study
+    study.set_user_attr("space_fingerprint", space.fingerprint())
+    study.set_user_attr("space_source", space.source)
+    study.set_user_attr("space", space.raw)
+    study.set_user_attr("objective", [OBJECTIVE] + ([space.study.second_objective] if space.multi_objective else []))
+    study.set_metric_names([OBJECTIVE] + ([space.study.second_objective] if space.multi_objective else []))
+    enqueue_presets(study, space, log)
+    return study
+
+
+def _directions(space: Space) -> list[str]:
+    return ["maximize", "minimize"] if space.multi_objective else ["maximize"]
+
+
+
+def _check_same_space(study: optuna.Study, space: Space, storage: RDBStorage) -> None:
+    fingerprint = study.user_attrs.get("space_fingerprint")
+    if fingerprint is None and not study.trials:
+        return  # another worker has just created it and is writing its attributes
+    if fingerprint != space.fingerprint():
+        raise StudyError(
+            f"study {space.study.name!r} in {safe_url(storage.url)} was created from a different space "
+            f"({study.user_attrs.get('space_source', 'not by ackd-search')}); use a new study.name or the "
+            "original space file"
+        )
+
+
+
+def _base_seed(space: Space) -> int:
+    return int(space.base.get("seed", 0))
+
+
+
+def enqueue_presets(study: optuna.Study, space: Space, log: Callable[[str], None] = print) -> None:
+    """The reference ACKD point (our reconstruction) and plain KD run first, so the search never ends worse."""
+    if not space.study.presets:
+        return  # only the creator calls this; skip_if_exists keeps a point from being queued twice
+    methods = space.methods()
+    for preset in ("reference", "kd"):
+        wanted = "ackd" if preset == "reference" else "kd"
+        if wanted not in methods:
+            baseline = preset in getattr(space.study.confirm, "presets", ())
+            log(f"preset {preset!r}: distill.method {wanted!r} is not searched in this space"
+                + ("; the confirmation stage trains it as a baseline" if baseline else "; not run"))
+            continue
+        values, outside = space.preset_values(preset)
+        if "distill.method" in {p.path for p in space.params}:
+            values["distill.method"] = wanted
+        study.enqueue_trial(values, user_attrs={"preset": preset, "preset_sampled": outside}, skip_if_exists=True)
+        if outside:
+            log(f"preset {preset!r}: {', '.join(outside)} outside this space's ranges, left to the sampler")
+
+
+
+def requeue_interrupted(study: optuna.Study, log: Callable[[str], None] = print) -> None:
+    """Trials stopped by Ctrl-C/SIGTERM are FAIL (honest); running the command again re-runs their parameters with
+    their labels (preset, confirmation) and their original's run folder, so they resume from the last checkpoint."""
+    trials = study.get_trials(deepcopy=False)
+    for trial in trials:
+        if not is_interrupted(trial):
+            continue
+        root = root_trial_number(trial)
+        if any(root_trial_number(t) == root and t.number > trial.number for t in trials):
+            continue  # already re-queued (or re-run by a heartbeat retry)
+        labels = {k: v for k, v in trial.user_attrs.items() if k in REQUEUE_KEEPS}
+        study.enqueue_trial(trial.params, user_attrs={**labels, "retry_of": root})
+        log(f"trial {trial.number} was interrupted: re-queued to resume from its last epoch checkpoint")
+
+
+def quiet_optuna() -> None:
+    """Our progress lines report every trial (failures with their reason and error.log); Optuna's own per-trial
+    log lines and experimental-feature warnings would repeat them."""
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+
+def say_running(space: Space, study: optuna.Study, log: Callable[[str], None]) -> None:
+    """Trials RUNNING now belong to another process, or to one that was killed (SIGKILL, a lost machine): say
+    so, and when a killed one's trial is failed and re-run from its checkpoint."""
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    if running:
+        numbers = ", ".join(f"#{t.number}" for t in running)
+        log(f"trials RUNNING: {numbers}: in another process, or left by a killed one; a killed one's trial is "
+            f"marked FAIL and re-run from its last checkpoint once its heartbeat is {space.study.grace_period_s} s "
+            "old (study.grace_period_s)")
+
+
+def optimize(space: Space, study: optuna.Study, hooks: SearchHooks = QUIET, n_trials: int | None = None,
+             timeout_s: float | None = None) -> None:
+    """Run up to `n_trials` trials (or until `timeout_s`), each one failing alone; `hooks` watch them."""
+    hooks.phase_started(study, n_trials, timeout_s)
+    objective = trial_objective(space, StudyPaths.for_space(space), hooks,
+                                sampler_seed=getattr(study, "sampler_seed", None))
+    study.optimize(objective, n_trials=n_trials, timeout=timeout_s, catch=(Exception,),
+                   callbacks=[hooks.trial_finished], gc_after_trial=True)
+
+
+def run_confirmation(space: Space, study: optuna.Study, hooks: SearchHooks = QUIET,
+                     log: Callable[[str], None] = print) -> None:
+    """Queue the confirmation runs still missing and run every waiting one (resumes an interrupted confirmation)."""
+    enqueue_confirmation(space, study, log)
+    while waiting_confirmations(study) > 0:
+        # Optuna runs waiting trials in order: a search trial queued earlier (a preset the search had no budget
+        # for, a re-queued one) runs before the confirmation runs, which then still all run.
+        before = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+        optimize(space, study, hooks, n_trials=before)
+        if len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,))) >= before:
+            break  # nothing was taken (another process holds them): leave them to it
+    hooks.confirmation_done(study)
+
+
+def open_existing_study(space: Space, storage_url: str | None = None) -> optuna.Study:
+    """The space's study, to read: an SQLite file that is not there is reported, never created empty."""
+    url = storage_url or space.storage_url
+    db = sqlite_path(url)
+    if db is not None and not db.exists():
+        raise StudyError(f"no study {space.study.name!r}: {db} does not exist; run the search first")
+    storage = make_storage(space, url)
+    study = existing_study(storage, space.study.name)
+    if study is None:
+        raise StudyError(f"no study {space.study.name!r} in {safe_url(storage.url)}; run the search first")
+    return study
+
+
