@@ -16,6 +16,18 @@ class DataError(ValueError):
     """A user-facing data problem; the message is one line."""
 
 
+class ModelError(ValueError):
+    """A model the user named cannot be built (bad builder, no network for weights, no classifier): one line."""
+
+
+class UnknownModelError(ModelError):
+    """The model name itself is invalid (unknown, misspelt, a missing file or function)."""
+
+
+class WeightsError(ValueError):
+    """A weights file that cannot be read as a state dict, or does not fit the model: one line."""
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed (unreadable, another run config, study or code version): one line."""
 
@@ -29,6 +41,10 @@ class UsageError(ValueError):
 
 
 def one_line(err: BaseException, limit: int = 300) -> str:
-    """`TypeName: the first non-empty line of the message`, at most `limit` characters of message."""
+    """`TypeName: the first non-empty line of the message`: a line longer than `limit` is cut to its first sentence,
+    or at a word boundary, never mid-word (library messages run to paragraphs)."""
     text = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
-    return f"{type(err).__name__}: {text[:limit]}" if text else type(err).__name__
+    if len(text) > limit:
+        sentence = text.split(". ", 1)[0]
+        text = sentence if len(sentence) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__

@@ -1,29 +1,51 @@
-"""The model zoo: the staged-network interface, the registry, and every registered architecture.
+"""Models: the staged-network interface, the CIFAR zoo and its registry, and adapters that stage timm, torchvision
+and user-built modules (`create_model` takes any of their names); checkpoint files and learner parts.
 
 Importing this package imports each zoo module, which registers its builders with `register_model`."""
 
+from ackd_search.errors import ModelError, UnknownModelError, WeightsError
 from ackd_search.models import digits, mobilenetv2, resnet, shufflenet, vgg, wrn  # noqa: F401  (registration)
-from ackd_search.models.base import (
-    Head,
-    StagedNet,
-    StageInfo,
-    UnknownModelError,
+from ackd_search.models.base import ClassifierHead, Head, StagedNet, StageInfo, list_models, register_model
+from ackd_search.models.complexity import count_flops, count_parameters
+from ackd_search.models.learners import fresh_head, fresh_stages, replace_head
+from ackd_search.models.names import (
+    PREFIXES,
     check_model_name,
     create_model,
-    list_models,
-    register_model,
+    model_name_problem,
+    staging_problem,
+    supports_width,
 )
-from ackd_search.models.complexity import count_flops, count_parameters
+from ackd_search.models.weights import (
+    head_mismatch,
+    load_original_state_dict,
+    original_state_dict,
+    read_state_dict,
+)
 
 __all__ = [
+    "PREFIXES",
+    "ClassifierHead",
     "Head",
+    "ModelError",
     "StageInfo",
     "StagedNet",
     "UnknownModelError",
+    "WeightsError",
     "check_model_name",
     "count_flops",
     "count_parameters",
     "create_model",
+    "fresh_head",
+    "fresh_stages",
+    "head_mismatch",
     "list_models",
+    "load_original_state_dict",
+    "model_name_problem",
+    "original_state_dict",
+    "read_state_dict",
     "register_model",
+    "replace_head",
+    "staging_problem",
+    "supports_width",
 ]

@@ -1,4 +1,4 @@
-"""The staged-network interface every zoo model implements, and the model registry.
+"""The staged-network interface every model implements (zoo or adapted from a library), and the zoo's registry.
 
 A staged net is `stem -> stages[0..K-1] -> head`; distillers attach to stage boundaries by index."""
 
@@ -10,6 +10,8 @@ from typing import Literal, Protocol
 
 import torch
 from torch import nn
+
+from ackd_search.errors import UnknownModelError
 
 
 @dataclass(frozen=True)
@@ -33,8 +35,31 @@ class Head(nn.Module):
         return self.fc(self.pooled(x))
 
 
+class ClassifierHead(nn.Module):
+    """A library model's own head: `pre_logits` is everything between the last stage and the final Linear (pooling,
+    flatten, norms, hidden layers, dropout), so `pooled(x)` is that Linear's input; `fc` is that Linear itself."""
+
+    def __init__(self, pre_logits: nn.Module, fc: nn.Linear):
+        super().__init__()
+        self.pre_logits = pre_logits
+        self.fc = fc
+
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pre_logits(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pooled(x))
+
+
 class StagedNet(nn.Module):
-    """A classifier cut into a stem, K stages and a head; `stage_info[i]` describes `stages[i]`'s output."""
+    """A classifier cut into a stem, K stages and a head; `stage_info[i]` describes `stages[i]`'s output.
+
+    Nets adapted from timm / torchvision / a user's module also set `original_keys` (their library's state-dict
+    names -> this net's names, so checkpoints of the library model load) and, when they could not be cut into
+    stages (one stage, no branch points), `staging_problem`: the one-line reason. Zoo nets keep both None."""
+
+    original_keys: dict[str, str] | None = None  # None: the names are this net's own (zoo, a user's StagedNet)
+    staging_problem: str | None = None
 
     def __init__(self, stem: nn.Module, stages: list[nn.Module], head: Head, stage_info: list[StageInfo]):
         super().__init__()
@@ -98,18 +123,15 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
-class UnknownModelError(ValueError):
-    pass
+def is_zoo_model(name: str) -> bool:
+    return name in _REGISTRY
 
 
-def check_model_name(name: str) -> None:
+
+def create_zoo_model(name: str, num_classes: int, width: float = 1.0, in_channels: int = 3) -> StagedNet:
+    """Build a registered zoo model. `width` scales every stage's channels (training-only capacity for learners)."""
     if name not in _REGISTRY:
         raise UnknownModelError(f"unknown model {name!r}; allowed: {', '.join(list_models())}")
-
-
-def create_model(name: str, num_classes: int, width: float = 1.0, in_channels: int = 3) -> StagedNet:
-    """Build a registered model. `width` scales every stage's channels (training-only capacity for learners)."""
-    check_model_name(name)
     if width <= 0:
         raise ValueError(f"width must be > 0, got {width}")
     return _REGISTRY[name](num_classes=num_classes, width=width, in_channels=in_channels)
