@@ -107,33 +107,24 @@ def convert(tp: Any, value: Any, path: str, source: str, problems: list[str], me
     return value
 
 
+# Each scalar type: what the error calls it, which plain values it accepts, and how it takes them.
+_SCALARS: dict[type, tuple[str, Any, Any]] = {
+    bool: ("true or false", lambda v: isinstance(v, bool), bool),
+    int: ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool), int),
+    float: ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), float),
+    dict: ("a mapping", lambda v: isinstance(v, dict), dict),
+    str: ("a string", lambda v: isinstance(v, str), str),
+}
+
+
 def _convert_scalar(tp: Any, value: Any, where: str, problems: list[str]) -> Any:
-    if tp is bool:
-        if not isinstance(value, bool):
-            problems.append(f"{where}: expected true or false, got {value!r}")
-            return None
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            problems.append(f"{where}: expected an integer, got {value!r}")
-            return None
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            problems.append(f"{where}: expected a number, got {value!r}")
-            return None
-        return float(value)
-    if tp is dict:
-        if not isinstance(value, dict):
-            problems.append(f"{where}: expected a mapping, got {value!r}")
-            return None
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            problems.append(f"{where}: expected a string, got {value!r}")
-            return None
-        return value
-    raise TypeError(f"unsupported config type {tp!r} at {where}")
+    if tp not in _SCALARS:
+        raise TypeError(f"unsupported config type {tp!r} at {where}")
+    expected, accepts, make = _SCALARS[tp]
+    if not accepts(value):
+        problems.append(f"{where}: expected {expected}, got {value!r}")
+        return None
+    return make(value)
 
 
 _BOUND_TEXT = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}

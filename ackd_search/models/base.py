@@ -111,11 +111,13 @@ class ModelBuilder(Protocol):
 _REGISTRY: dict[str, ModelBuilder] = {}
 
 
-def register_model(fn: Callable[..., StagedNet]) -> Callable[..., StagedNet]:
-    """Register a builder `fn(num_classes, width=1.0, in_channels=3) -> StagedNet` under its function name."""
-    if fn.__name__ in _REGISTRY:
-        raise ValueError(f"model {fn.__name__!r} registered twice")
-    _REGISTRY[fn.__name__] = fn
+def register_model(fn: Callable[..., StagedNet], name: str | None = None) -> Callable[..., StagedNet]:
+    """Register a builder `fn(num_classes=..., width=1.0, in_channels=3) -> StagedNet` under `name` (default: the
+    function's name); usable as a decorator."""
+    name = name or fn.__name__
+    if name in _REGISTRY:
+        raise ValueError(f"model {name!r} registered twice")
+    _REGISTRY[name] = fn
     return fn
 
 
@@ -125,7 +127,6 @@ def list_models() -> list[str]:
 
 def is_zoo_model(name: str) -> bool:
     return name in _REGISTRY
-
 
 
 def create_zoo_model(name: str, num_classes: int, width: float = 1.0, in_channels: int = 3) -> StagedNet:

@@ -4,6 +4,8 @@ Owns resnet8/14/20/32/44/56/110 (16-16-32-64 filters) and resnet8x4/32x4 (32-64-
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -67,46 +69,8 @@ def cifar_resnet(
     return net
 
 
-@register_model
-def resnet8(num_classes: int, width: float = 1.0, in_channels: int = 3) -> StagedNet:
-    return cifar_resnet(8, _NARROW, num_classes, width, in_channels)
-
-
-@register_model
-def resnet14(num_classes: int, width: float = 1.0, in_channels: int = 3) -> StagedNet:
-    return cifar_resnet(14, _NARROW, num_classes, width, in_channels)
-
-
-@register_model
-def resnet20(num_classes: int, width: float = 1.0, in_channels: int = 3) -> StagedNet:
-    return cifar_resnet(20, _NARROW, num_classes, width, in_channels)
-
-
-@register_model
-def resnet32(num_classes: int, width: float = 1.0, in_channels: int = 3) -> StagedNet:
-    return cifar_resnet(32, _NARROW, num_classes, width, in_channels)
-
-
-@register_model
-def resnet44(num_classes: int, width: float = 1.0, in_channels: int = 3) -> StagedNet:
-    return cifar_resnet(44, _NARROW, num_classes, width, in_channels)
-
-
-@register_model
-def resnet56(num_classes: int, width: float = 1.0, in_channels: int = 3) -> StagedNet:
-    return cifar_resnet(56, _NARROW, num_classes, width, in_channels)
-
-
-@register_model
-def resnet110(num_classes: int, width: float = 1.0, in_channels: int = 3) -> StagedNet:
-    return cifar_resnet(110, _NARROW, num_classes, width, in_channels)
-
-
-@register_model
-def resnet8x4(num_classes: int, width: float = 1.0, in_channels: int = 3) -> StagedNet:
-    return cifar_resnet(8, _WIDE_X4, num_classes, width, in_channels)
-
-
-@register_model
-def resnet32x4(num_classes: int, width: float = 1.0, in_channels: int = 3) -> StagedNet:
-    return cifar_resnet(32, _WIDE_X4, num_classes, width, in_channels)
+# The zoo's CIFAR ResNets: name, depth, filters.
+for _name, _depth, _filters in (("resnet8", 8, _NARROW), ("resnet14", 14, _NARROW), ("resnet20", 20, _NARROW),
+                                ("resnet32", 32, _NARROW), ("resnet44", 44, _NARROW), ("resnet56", 56, _NARROW),
+                                ("resnet110", 110, _NARROW), ("resnet8x4", 8, _WIDE_X4), ("resnet32x4", 32, _WIDE_X4)):
+    register_model(functools.partial(cifar_resnet, _depth, _filters), name=_name)

@@ -4,6 +4,8 @@ Owns vgg8/11/13/16/19: five conv blocks (the stages), max-pools opening blocks 1
 
 from __future__ import annotations
 
+import functools
+
 from torch import nn
 
 from ackd_search.models.base import Head, StagedNet, StageInfo, benchmark_init, register_model
@@ -46,26 +48,5 @@ def cifar_vgg(config: str, num_classes: int, width: float = 1.0, in_channels: in
     return net
 
 
-@register_model
-def vgg8(num_classes: int, width: float = 1.0, in_channels: int = 3) -> StagedNet:
-    return cifar_vgg("vgg8", num_classes, width, in_channels)
-
-
-@register_model
-def vgg11(num_classes: int, width: float = 1.0, in_channels: int = 3) -> StagedNet:
-    return cifar_vgg("vgg11", num_classes, width, in_channels)
-
-
-@register_model
-def vgg13(num_classes: int, width: float = 1.0, in_channels: int = 3) -> StagedNet:
-    return cifar_vgg("vgg13", num_classes, width, in_channels)
-
-
-@register_model
-def vgg16(num_classes: int, width: float = 1.0, in_channels: int = 3) -> StagedNet:
-    return cifar_vgg("vgg16", num_classes, width, in_channels)
-
-
-@register_model
-def vgg19(num_classes: int, width: float = 1.0, in_channels: int = 3) -> StagedNet:
-    return cifar_vgg("vgg19", num_classes, width, in_channels)
+for _name in ("vgg8", "vgg11", "vgg13", "vgg16", "vgg19"):
+    register_model(functools.partial(cifar_vgg, _name), name=_name)

@@ -4,6 +4,8 @@ Owns wrn_16_1, wrn_16_2, wrn_40_1, wrn_40_2; stem = one conv, the final BN+ReLU 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -61,21 +63,6 @@ def wide_resnet(depth: int, widen: int, num_classes: int, width: float = 1.0, in
     return net
 
 
-@register_model
-def wrn_16_1(num_classes: int, width: float = 1.0, in_channels: int = 3) -> StagedNet:
-    return wide_resnet(16, 1, num_classes, width, in_channels)
-
-
-@register_model
-def wrn_16_2(num_classes: int, width: float = 1.0, in_channels: int = 3) -> StagedNet:
-    return wide_resnet(16, 2, num_classes, width, in_channels)
-
-
-@register_model
-def wrn_40_1(num_classes: int, width: float = 1.0, in_channels: int = 3) -> StagedNet:
-    return wide_resnet(40, 1, num_classes, width, in_channels)
-
-
-@register_model
-def wrn_40_2(num_classes: int, width: float = 1.0, in_channels: int = 3) -> StagedNet:
-    return wide_resnet(40, 2, num_classes, width, in_channels)
+# The zoo's wide ResNets: name, depth, widen factor.
+for _name, _depth, _widen in (("wrn_16_1", 16, 1), ("wrn_16_2", 16, 2), ("wrn_40_1", 40, 1), ("wrn_40_2", 40, 2)):
+    register_model(functools.partial(wide_resnet, _depth, _widen), name=_name)
