@@ -20,6 +20,7 @@ from ackd_search.config import load_run_config, to_dict
 from ackd_search.data import get_splits
 from ackd_search.files import sha256_file
 from ackd_search.models import create_model
+from ackd_search.search.confirm import enqueue_confirmation
 from ackd_search.search.space import load_space
 from ackd_search.search.study import open_existing_study, quiet_optuna
 from ackd_search.train import teachers
@@ -69,6 +70,15 @@ def test_the_old_study_reports_and_exports_its_confirmed_winner(before: Path, ca
     assert trial.number == 0  # the confirmed winner, as the old version exported it
     exported_then = load_run_config("before-best.yaml")
     assert to_dict(export_config(space, trial, study=study)) == to_dict(exported_then)
+
+
+def test_the_old_confirmation_runs_still_cover_their_configurations(before: Path) -> None:
+    """Fields added since 0.1.0 do not change a configuration's key: only the baseline added since (DKD) is new."""
+    space = load_space("before.yaml")
+    study = open_existing_study(space)
+    assert enqueue_confirmation(space, study, log=lambda _: None) == 2  # dkd x 2 seeds
+    queued = [t for t in study.get_trials(deepcopy=False) if t.state.name == "WAITING"]
+    assert {t.user_attrs["confirms"] for t in queued} == {"dkd"}
 
 
 def test_the_old_export_loads_and_the_old_study_resumes(before: Path, capsys) -> None:

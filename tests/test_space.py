@@ -135,7 +135,7 @@ def test_every_problem_is_reported_at_once_with_file_key_and_allowed(tmp_path: P
         "study.sampler.name: 'tpx' is not allowed; allowed: tpe, random",
         "study.pruner.bogus: unknown option for median; allowed: n_startup_trials",
         "study.n_trials: 0 is out of range; allowed: >= 1",
-        "run.student: unknown value 'resnet9'; allowed: digits_cnn_large",
+        "run.student: unknown model 'resnet9'; allowed: digits_cnn_large",
         "run.optim.lr: empty range: low (0.1) must be < high (0.01)",
         "run.optim.weight_decay: a log range must stay above 0",
         "run.optim.momentum.choices: expected a non-empty list",
@@ -192,7 +192,7 @@ def test_every_problem_is_reported_at_once_with_file_key_and_allowed(tmp_path: P
     ("study: {name: x, confirm: {seeds: 21}}\nrun: {}\n", "allowed: >= 1 and <= 20"),
     ("study: {name: x, confirm: {epochs: 0}}\nrun: {}\n", "study.confirm.epochs: 0 is out of range"),
     ("study: {name: x, confirm: {presets: [kd, teacher]}}\nrun: {}\n",
-     "study.confirm.presets[1]: 'teacher' is not allowed; allowed: student, kd, reference"),
+     "study.confirm.presets[1]: 'teacher' is not allowed; allowed: student, kd, dkd, reference"),
     ("study: {name: x, confirm: {top: 3}}\nrun: {}\n", "study.confirm.top: unknown key; allowed: top_k"),
     ("study: {name: x, method_floor: 1.5}\nrun: {}\n", "study.method_floor: 1.5 is out of range"),
 ])
@@ -207,7 +207,7 @@ def test_single_validation_errors(tmp_path: Path, text: str, fragment: str) -> N
 def test_confirm_settings_default_and_parse(tmp_path: Path) -> None:
     space = load_space(write_space(tmp_path, {"study": {"name": "t"}}))
     assert (space.study.confirm.top_k, space.study.confirm.seeds, space.study.confirm.epochs) == (3, 3, None)
-    assert space.study.confirm.presets == ["student", "kd", "reference"]
+    assert space.study.confirm.presets == ["student", "kd", "dkd", "reference"]
     space = load_space(write_space(tmp_path, {"study": {"name": "t", "confirm": {
         "top_k": 0, "seeds": 5, "epochs": 240, "presets": ["kd"]}}}))
     assert (space.study.confirm.top_k, space.study.confirm.seeds, space.study.confirm.epochs) == (0, 5, 240)

@@ -20,9 +20,11 @@ from ackd_search.config.schema import (
     AckdConfig,
     DataConfig,
     DistillConfig,
+    DkdConfig,
     OptimConfig,
     RunConfig,
     TeacherConfig,
+    dkd_distill,
     kd_distill,
     reference_distill,
     with_absolute_paths,
@@ -32,7 +34,7 @@ from ackd_search.errors import ConfigError
 
 __all__ = [
     "METHOD_WEIGHTS", "MODEL_FIELD", "PATH_FIELDS", "AckdConfig", "ConfigError", "DataConfig", "DistillConfig",
-    "OptimConfig", "RunConfig", "TeacherConfig", "bounded", "bounds", "check_value", "convert", "field_info",
-    "from_dict", "get_path", "kd_distill", "load_run_config", "load_yaml", "reference_distill", "save_run_config",
-    "set_path", "strip_optional", "to_dict", "with_absolute_paths",
+    "DkdConfig", "OptimConfig", "RunConfig", "TeacherConfig", "bounded", "bounds", "check_value", "convert",
+    "dkd_distill", "field_info", "from_dict", "get_path", "kd_distill", "load_run_config", "load_yaml",
+    "reference_distill", "save_run_config", "set_path", "strip_optional", "to_dict", "with_absolute_paths",
 ]

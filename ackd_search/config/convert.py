@@ -103,6 +103,8 @@ def convert(tp: Any, value: Any, path: str, source: str, problems: list[str], me
         return None
     if "choices_fn" in meta and value not in meta["choices_fn"]():
         problems.append(f"{where}: unknown value {value!r}; allowed: {_allowed_text(tp, meta)}")
+    elif "check_fn" in meta and (problem := meta["check_fn"](value)) is not None:
+        problems.append(f"{where}: {problem}")  # the checker names what is allowed
     _check_bounds(value, meta.get("bounds", {}), where, problems)
     return value
 

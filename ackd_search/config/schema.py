@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ackd_search.config.convert import bounded
-from ackd_search.models import list_models
+from ackd_search.models import model_name_problem
 
-MODEL_FIELD = {"choices_fn": list_models}
+# A model name: the zoo's, `timm:<name>`, `torchvision:<name>` or `py:<file.py>:<function>` (models/names.py).
+MODEL_FIELD = {"check_fn": model_name_problem}
 
 
 @dataclass
@@ -100,11 +101,26 @@ METHOD_WEIGHTS = {"ackd": (1.0, 1.0), "kd": (0.1, 0.9), "student": (1.0, 0.0)}
 
 
 @dataclass
+class DkdConfig:
+    """Decoupled KD's knobs (distill.form: dkd); defaults are mdistiller's CIFAR-100 setting (alpha 1, beta 8,
+    a 20-epoch warm-up), the warm-up in recipe epochs, scaled to the budget like the milestones."""
+
+    alpha: float = bounded(ge=0.0, le=100.0, default=1.0)  # weight of the target-class term (TCKD)
+    beta: float = bounded(ge=0.0, le=100.0, default=8.0)  # weight of the non-target-class term (NCKD)
+    warmup_epochs: float = bounded(ge=0.0, default=20.0)
+
+
+@dataclass
 class DistillConfig:
     method: Literal["student", "kd", "ackd"] = "ackd"
     temperature: float = bounded(gt=0.0, le=100.0, default=4.0)
     ce_weight: float | None = bounded(ge=0.0, le=100.0, default=None)  # None: the method's own (METHOD_WEIGHTS)
     kd_weight: float | None = bounded(ge=0.0, le=100.0, default=None)
+    # How every distillation term is scored, from the teacher and (ACKD) from the peers: Hinton KD or decoupled KD
+    # (ackd_search/distill/forms.py); `standardize` z-scores both sides' logits first (logit standardisation).
+    form: Literal["kd", "dkd"] = "kd"
+    standardize: bool = False
+    dkd: DkdConfig = field(default_factory=DkdConfig)
     ackd: AckdConfig = field(default_factory=AckdConfig)
 
     def __post_init__(self) -> None:
@@ -140,13 +156,18 @@ class RunConfig:
 PATH_FIELDS = ("output_dir", "data.data_root", "teacher.cache_dir", "teacher.checkpoint")
 
 
-# Hand-set points every search starts from. ACKD's is our reconstruction; KD's is RepDistiller's KD weighting.
+# Hand-set points: ACKD's is our reconstruction, KD's RepDistiller's KD weighting, DKD's mdistiller's setting.
 def reference_distill() -> DistillConfig:
     return DistillConfig(method="ackd", temperature=4.0, ackd=AckdConfig())
 
 
 def kd_distill() -> DistillConfig:
     return DistillConfig(method="kd", temperature=4.0)
+
+
+def dkd_distill() -> DistillConfig:
+    """mdistiller's DKD for resnet32x4 -> resnet8x4 on CIFAR-100: CE weight 1, alpha 1, beta 8, T 4, warm-up 20."""
+    return DistillConfig(method="kd", form="dkd", temperature=4.0, ce_weight=1.0, kd_weight=1.0, dkd=DkdConfig())
 
 
 

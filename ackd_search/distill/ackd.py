@@ -35,117 +35,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from ackd_search.config import DistillConfig, OptimConfig
-from ackd_search.distill.base import Distiller, TeacherOut, kd_loss
-from ackd_search.models import StagedNet, create_model
-
-
-class AuxLearner(nn.Module):
-    """One auxiliary learner: branches after student stage `placement` (1-based), then its own stages and head."""
-
-    def __init__(self, placement: int, adapter: nn.Module, stages: nn.ModuleList, head: nn.Module):
-        super().__init__()
-        self.placement = placement
-        self.adapter = adapter
-        self.stages = stages
-        self.head = head
-
-    @property
-    def pooled_width(self) -> int:
-        return self.head.fc.in_features
-
-    def forward(self, trunk_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pooled features and logits from the trunk's feature map at this learner's branch point."""
-        x = self.adapter(trunk_features)
-        for stage in self.stages:
-            x = stage(x)
-        pooled = self.head.pooled(x)
-        return pooled, self.head.fc(pooled)
-
-
-def build_aux_learner(student: StagedNet, student_arch: str, placement: int, aux_width: float) -> AuxLearner:
-    """A fresh copy of `stages[placement:]` and a new head, taken from a newly built zoo model (no per-model code)."""
-    num_classes = student.head.fc.out_features
-    donor = create_model(student_arch, num_classes, width=aux_width)
-    trunk_channels = student.stage_info[placement - 1].channels
-    branch_channels = donor.stage_info[placement - 1].channels
-    adapter: nn.Module = nn.Identity()
-    if branch_channels != trunk_channels:  # only when aux_width != 1: the copied stages expect another width
-        adapter = nn.Sequential(
-            nn.Conv2d(trunk_channels, branch_channels, 1, bias=False),
-            nn.BatchNorm2d(branch_channels),
-        )
-    return AuxLearner(placement, adapter, nn.ModuleList(donor.stages[placement:]), donor.head)
-
-
-def check_placements(placements: list[int], num_stages: int, student_arch: str) -> None:
-    allowed = f"1..{num_stages - 1}" if num_stages > 1 else "none (the model has a single stage)"
-    for i, p in enumerate(placements):
-        if not 1 <= p < num_stages:
-            raise ValueError(
-                f"distill.ackd.aux_placements[{i}]: {p} is out of range for {student_arch} "
-                f"({num_stages} stages); allowed: {allowed}"
-            )
-
-
-def _width_key(width: int) -> str:
-    return f"w{width}"
-
-
-class CollabAttention(nn.Module):
-    """OKDDip-style attention: A_ij = softmax_j(q_i . k_j) per sample, over all learners (student j = 0, self included).
-
-    Bias-free W_q, W_k map pooled features to `dim` dimensions; learners of one pooled width share one pair, so the
-    student and width-1 auxiliaries share them (as in OKDDip). `query_rows` lists the learners whose target comes
-    from attention (all of them, or only the auxiliaries when the student learns from their mean)."""
-
-    def __init__(self, widths: list[int], query_rows: list[int], dim: int, include_self: bool = True):
-        super().__init__()
-        self.query_rows = list(query_rows)
-        self.include_self = include_self
-        query_widths = sorted({widths[i] for i in self.query_rows})
-        self.query = nn.ModuleDict({_width_key(w): nn.Linear(w, dim, bias=False) for w in query_widths})
-        self.key = nn.ModuleDict({_width_key(w): nn.Linear(w, dim, bias=False) for w in sorted(set(widths))})
-        own = torch.zeros(len(self.query_rows), len(widths), dtype=torch.bool)  # A_ii, masked without `include_self`
-        own[torch.arange(len(self.query_rows)), torch.tensor(self.query_rows, dtype=torch.long)] = True
-        self.register_buffer("own", own, persistent=False)  # built once: no host-to-device copy inside a step
-
-    @staticmethod
-    def _project(layers: nn.ModuleDict, pooled: list[torch.Tensor]) -> torch.Tensor:
-        widths = {h.shape[1] for h in pooled}
-        if len(widths) == 1:  # one matmul for all learners
-            return layers[_width_key(widths.pop())](torch.stack(pooled, dim=1))
-        return torch.stack([layers[_width_key(h.shape[1])](h) for h in pooled], dim=1)
-
-    def forward(self, pooled: list[torch.Tensor]) -> torch.Tensor:
-        """A (B, len(query_rows), L): row r holds learner `query_rows[r]`'s weights over all L learners."""
-        q = self._project(self.query, [pooled[i] for i in self.query_rows])
-        k = self._project(self.key, pooled)
-        scores = torch.bmm(q, k.transpose(1, 2)).float()
-        if not self.include_self:  # each learner attends to its peers only
-            scores = scores.masked_fill(self.own, float("-inf"))
-        return torch.softmax(scores, dim=-1)
-
-
-class Discriminator(nn.Module):
-    """MLP in -> 256 -> 128 -> 1 with LeakyReLU(0.2), returning one logit per input row (fp32)."""
-
-    def __init__(self, in_features: int):
-        super().__init__()
-        self.mlp = nn.Sequential(
-            nn.Linear(in_features, 256),
-            nn.LeakyReLU(0.2),
-            nn.Linear(256, 128),
-            nn.LeakyReLU(0.2),
-            nn.Linear(128, 1),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(x.float()).squeeze(-1)
-
-
-def _no_autocast(device: torch.device):
-    # D is tiny: run it (and its own backward) in fp32 whatever precision the trainer's autocast asks for.
-    return torch.autocast(device_type=device.type, enabled=False)
+from ackd_search.distill.ackd_modules import (
+    CollabAttention,
+    Discriminator,
+    build_aux_learner,
+    check_placements,
+    no_autocast,
+)
+from ackd_search.distill.base import Distiller, TeacherOut
+from ackd_search.distill.forms import distill_term, form_of
+from ackd_search.models import StagedNet
 
 
 class ACKD(Distiller):
@@ -159,6 +58,7 @@ class ACKD(Distiller):
         super().__init__(student, teacher)
         self.cfg, self.ackd = cfg, cfg.ackd
         self.temperature = cfg.temperature
+        self.form = form_of(cfg)  # how every distillation term is scored (teacher -> learner, target -> learner)
         self.budget_scale = optim.budget_scale
         placements = self.ackd.resolved_placements(student.num_stages)
         check_placements(placements, student.num_stages, student_arch)
@@ -177,6 +77,7 @@ class ACKD(Distiller):
         self.register_buffer("collab_w", torch.zeros(()), persistent=False)
         self.register_buffer("adv_w", torch.zeros(()), persistent=False)
         self.register_buffer("zero_w", torch.zeros(()), persistent=False)
+        self.register_buffer("form_w", torch.ones(()), persistent=False)  # DKD's warm-up of the teacher term
         self._weights_epoch: int | None = None
 
     @property
@@ -190,7 +91,7 @@ class ACKD(Distiller):
     def _attention(self, student: StagedNet) -> CollabAttention | None:
         if self.num_aux == 0 or self.ackd.aggregation != "attention":
             return None
-        dim = max(1, student.stage_info[-1].channels // self.ackd.attn_reduction)  # C / attn_reduction
+        dim = max(1, student.head.fc.in_features // self.ackd.attn_reduction)  # C / attn_reduction
         first_row = 1 if self.ackd.student_target == "aux_mean" else 0
         return CollabAttention(self.pooled_widths(), list(range(first_row, self.num_aux + 1)), dim,
                                include_self=self.ackd.attn_self)
@@ -203,10 +104,10 @@ class ACKD(Distiller):
             return None, Discriminator(student.head.fc.out_features)
         if self.ackd.adv_real == "teacher":
             if not isinstance(teacher, StagedNet):
-                raise ValueError("distill.ackd.adv_input: 'features' needs a staged teacher (a zoo model)")
+                raise ValueError("distill.ackd.adv_input: 'features' needs a staged teacher (stem, stages, head)")
             common = teacher.head.fc.in_features
         else:
-            common = student.stage_info[-1].channels
+            common = student.head.fc.in_features
         connectors = nn.ModuleList(nn.Linear(w, common) for w in self.pooled_widths())
         return connectors, Discriminator(common)
 
@@ -243,6 +144,7 @@ class ACKD(Distiller):
             return
         self.collab_w.fill_(self.collab_weight(epoch) if self.num_aux > 0 else 0.0)
         self.adv_w.fill_(self.adv_weight(epoch) if self.discriminator is not None else 0.0)
+        self.form_w.fill_(self.form.weight(epoch, self.budget_scale))
         self._weights_epoch = epoch
 
     # --- forward pieces ----------------------------------------------------------------------------------------
@@ -311,7 +213,7 @@ class ACKD(Distiller):
     def discriminator_step(self, real: torch.Tensor, fakes: list[torch.Tensor]) -> torch.Tensor:
         """One Adam step of D on L_D = BCE(D(real), 1) + mean_i BCE(D(fake_i.detach()), 0); touches only D."""
         d = self.discriminator
-        with _no_autocast(real.device), torch.enable_grad():
+        with no_autocast(real.device), torch.enable_grad():
             real_logits = d(real.detach())
             fake_logits = d(torch.stack([f.detach() for f in fakes]))  # (L, B)
             loss_real = F.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits))
@@ -329,7 +231,7 @@ class ACKD(Distiller):
         d = self.discriminator
         d.requires_grad_(False)
         try:
-            with _no_autocast(fakes[0].device):
+            with no_autocast(fakes[0].device):
                 logits = d(torch.stack(fakes))
                 per_sample = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits), reduction="none")
         finally:
@@ -371,6 +273,8 @@ class ACKD(Distiller):
             ]
             loss = loss + ackd.aux_weight * torch.stack(aux_losses).sum()
         terms["collab_w"], terms["adv_w"] = collab_w, adv_w
+        if self.form.name == "dkd":
+            terms["form_w"] = self.form_w
         return logits[0], loss, terms
 
     def _learner_loss(self, i, z, y, teacher_logits, targets, adv_g, weights, terms) -> torch.Tensor:
@@ -381,11 +285,12 @@ class ACKD(Distiller):
         collab_w, adv_w = weights
         prefix = f"aux{i}/" if i > 0 else ""
         ce = F.cross_entropy(z.float(), y)
-        kd = kd_loss(z, teacher_logits, self.temperature)
-        loss = self.cfg.ce_weight * ce + self.cfg.kd_weight * kd
+        kd = distill_term(self.form, z, teacher_logits, y, self.temperature)
+        # DKD's warm-up scales the teacher's term only: the collaborative term has its own ramp.
+        loss = self.cfg.ce_weight * ce + self.cfg.kd_weight * (self.form_w * kd if self.form.name == "dkd" else kd)
         terms[prefix + "ce"], terms[prefix + "kd"] = ce.detach(), kd.detach()
         if targets is not None:
-            collab = kd_loss(z, targets[:, i], self.temperature)
+            collab = distill_term(self.form, z, targets[:, i], y, self.temperature)
             if self.ackd.collab_weight > 0:  # the ramp is positive at every epoch: this is the config's weight
                 loss = loss + collab_w * collab
             terms[prefix + "collab"] = collab.detach()

@@ -11,19 +11,15 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ackd_search.distill.forms import kd_term
 from ackd_search.models import StagedNet
 
 TeacherOut = tuple[torch.Tensor, torch.Tensor | None]  # (logits (B, classes), pooled features (B, width) or None)
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Hinton KD: T^2 * KL(softmax(teacher / T) || softmax(student / T)), averaged over the batch."""
-    log_p_student = F.log_softmax(student_logits.float() / temperature, dim=1)
-    log_p_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=1)
-    return F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True) * temperature**2
+kd_loss = kd_term  # Hinton KD: T^2 * KL(softmax(teacher / T) || softmax(student / T)), averaged over the batch
 
 
 class Distiller(nn.Module):

@@ -29,6 +29,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from ackd_search.config import DistillConfig
+
 FormName = Literal["kd", "dkd"]
 FORM_NAMES: tuple[str, ...] = ("kd", "dkd")
 
@@ -169,3 +171,9 @@ def warmup_factor(form: Form, epoch: int, budget_scale: float = 1.0) -> float:
     if length <= 0:
         return 1.0
     return min(max(epoch + 1, 0) / length, 1.0)
+
+
+def form_of(cfg: DistillConfig) -> Form:
+    """The form a distillation config asks for (`distill.form`, `distill.standardize`, `distill.dkd.*`)."""
+    return Form(name=cfg.form, standardize=cfg.standardize, alpha=cfg.dkd.alpha, beta=cfg.dkd.beta,
+                warmup_epochs=cfg.dkd.warmup_epochs)

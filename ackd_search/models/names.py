@@ -38,8 +38,11 @@ def model_name_problem(name: object) -> str | None:
         return _NAME_PROBLEMS[prefix](rest)
     if is_zoo_model(name):
         return None
-    return (f"unknown model {name!r}; allowed: {', '.join(list_models())}, or timm:<name>, torchvision:<name>, "
-            "py:<file.py>:<function>")
+    # A library name without its prefix (`resnet18`) is the likeliest slip: name the prefixed forms that exist.
+    known = [p + name for p in (torchvision_models.PREFIX, timm_models.PREFIX) if _NAME_PROBLEMS[p](name) is None]
+    hint = f"did you mean {' or '.join(known)}? " if known else ""
+    return (f"unknown model {name!r}; {hint}allowed: {', '.join(list_models())}, or timm:<name>, "
+            "torchvision:<name>, py:<file.py>:<function>")
 
 
 def check_model_name(name: str) -> None:

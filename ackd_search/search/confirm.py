@@ -18,13 +18,18 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from ackd_search.config import DistillConfig, RunConfig, from_dict, kd_distill, reference_distill, set_path, to_dict
+from ackd_search.config import RunConfig, from_dict, set_path, to_dict
 from ackd_search.search.record import CONFIRMS, is_interrupted, search_trials
-from ackd_search.search.space import Space
+from ackd_search.search.space import PRESET_DISTILL, Space
 
-PRESETS = ("student", "kd", "reference")
+PRESETS = ("student", "kd", "dkd", "reference")
 # Fields that do not make two configurations different: where a run writes, its seed and its length.
 _NOT_IDENTITY = ("output_dir", "seed", "eval_test")
+# Fields added since ackd-search 0.1.0: left out of a configuration's key while they hold their defaults, so the
+# confirmation runs of an earlier study keep matching the configurations they retrain.
+_ADDED_SINCE_0_1 = ("distill.form", "distill.standardize", "distill.dkd", "data.image_size", "data.channels",
+                    "data.mean", "data.std", "data.num_classes", "data.augment", "data.cache_dir")
+_DEFAULTS = to_dict(RunConfig())
 
 
 @dataclass
@@ -55,8 +60,7 @@ def preset_config(space: Space, preset: str) -> RunConfig:
     for path, value in values.items():
         if not path.startswith("distill."):
             set_path(data, path, value)
-    distill = {"student": DistillConfig(method="student"), "kd": kd_distill(), "reference": reference_distill()}
-    data["distill"] = to_dict(distill[preset])
+    data["distill"] = to_dict(PRESET_DISTILL[preset]())
     cfg = from_dict(RunConfig, data, source=f"{space.source}: preset {preset}")
     if cfg.distill.method == "ackd":  # explicit, as a search trial's config has it, so equal configs share a key
         cfg.distill.ackd.aux_placements = cfg.distill.ackd.resolved_placements(space.num_stages)
@@ -88,6 +92,12 @@ def config_key(cfg: RunConfig) -> str:
     data["optim"].pop("epochs", None)
     if data["distill"]["method"] != "ackd":
         data["distill"].pop("ackd")
+    if data["distill"]["form"] != "dkd":
+        data["distill"]["dkd"] = _DEFAULTS["distill"]["dkd"]  # DKD's knobs do not act on another form
+    for dotted in _ADDED_SINCE_0_1:
+        parent, _, leaf = dotted.rpartition(".")
+        if leaf in data[parent] and data[parent][leaf] == _DEFAULTS[parent].get(leaf):
+            data[parent].pop(leaf)
     text = json.dumps(data, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 

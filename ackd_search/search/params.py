@@ -17,8 +17,13 @@ COLLAB_KNOBS = {ACKD + k for k in ("aggregation", "attn_reduction", "attn_self",
                                    "collab_weight", "collab_rampup_epochs", "aux_width", "aux_weight")}
 ATTENTION_KNOBS = {ACKD + "attn_reduction", ACKD + "attn_self"}  # only under aggregation: attention
 ADVERSARY_KNOBS = {ACKD + k for k in ("adv_real", "adv_input", "d_lr", "adv_warmup_epochs")}  # only with a D
-TEACHER_KNOBS = {"distill.temperature", "distill.ce_weight", "distill.kd_weight"}  # unused by `student`
-GATES = ("distill.method", ACKD + "aggregation", ACKD + "adv_weight", ACKD + "adv_real")  # sampled first
+DKD = "distill.dkd."
+DKD_KNOBS = {DKD + k for k in ("alpha", "beta", "warmup_epochs")}  # only under distill.form: dkd
+# Unused by `student`: the temperature, the loss weights and how the distillation terms are scored (forms.py).
+TEACHER_KNOBS = {"distill.temperature", "distill.ce_weight", "distill.kd_weight", "distill.form",
+                 "distill.standardize"} | DKD_KNOBS
+GATES = ("student", "distill.method", "distill.form", ACKD + "aggregation", ACKD + "adv_weight",
+         ACKD + "adv_real")  # sampled first, in this order
 FORBIDDEN_IN_SPACE = {
     "eval_test": "trials never read the test set; `export` sets it for the final run",
     "output_dir": "each trial writes to study.runs_dir/trial-N",

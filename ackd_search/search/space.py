@@ -32,6 +32,7 @@ from ackd_search.config import (
     DistillConfig,
     RunConfig,
     convert,
+    dkd_distill,
     from_dict,
     kd_distill,
     load_yaml,
@@ -39,11 +40,13 @@ from ackd_search.config import (
     set_path,
     to_dict,
 )
+from ackd_search.models import supports_width
 from ackd_search.search.params import (
     ACKD,
     ADVERSARY_KNOBS,
     ATTENTION_KNOBS,
     COLLAB_KNOBS,
+    DKD_KNOBS,
     GATES,
     LEARNER_PARAM,
     TEACHER_KNOBS,
@@ -122,8 +125,12 @@ class Space:
             return False
         if path in TEACHER_KNOBS and method == "student":
             return False
+        if path in DKD_KNOBS and self._value("distill.form", values) != "dkd":
+            return False
         if path in COLLAB_KNOBS and n_learners == 0:
             return False
+        if path == ACKD + "aux_width" and not supports_width(self._value("student", values)):
+            return False  # a library or user model keeps its own width
         if path in ATTENTION_KNOBS and self._value(ACKD + "aggregation", values) != "attention":
             return False
         no_adversary_possible = n_learners == 0 and self._value(ACKD + "adv_real", values) == "ensemble"
@@ -179,10 +186,10 @@ class Space:
         data["output_dir"] = output_dir
         return from_dict(RunConfig, data, source=self.source)
 
-    def preset_values(self, preset: Literal["reference", "kd", "student"]) -> tuple[dict[str, Any], list[str]]:
+    def preset_values(self, preset: Literal["reference", "kd", "dkd", "student"]) -> tuple[dict[str, Any], list[str]]:
         """Param values of a hand-set point, and the paths it cannot represent in this space (left to the sampler)."""
         cfg = from_dict(RunConfig, self.base, source=self.source)
-        cfg.distill = {"reference": reference_distill, "kd": kd_distill, "student": _student_distill}[preset]()
+        cfg.distill = PRESET_DISTILL[preset]()
         flat = to_dict(cfg)
         values, outside = {}, []
         for param in self.params:
@@ -207,6 +214,10 @@ class Space:
 
 def _student_distill() -> DistillConfig:
     return DistillConfig(method="student")
+
+
+# The hand-set points: our ACKD reconstruction, RepDistiller's KD, mdistiller's DKD, and the student alone.
+PRESET_DISTILL = {"reference": reference_distill, "kd": kd_distill, "dkd": dkd_distill, "student": _student_distill}
 
 
 _DEFAULTS = to_dict(RunConfig())
@@ -247,7 +258,7 @@ def load_space(path: str | Path) -> Space:
     check_base(base, params, source, problems)
     num_stages = num_stages_of(base, params)
     if learners is not None:
-        check_learners(learners, num_stages, base, source, problems)
+        check_learners(learners, num_stages, base, params, source, problems)
     check_second_objective(study, base, params, source, problems)
     if problems:
         raise ConfigError(problems)

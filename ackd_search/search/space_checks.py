@@ -11,7 +11,7 @@ import warnings
 from typing import Any
 
 from ackd_search.config import ConfigError, RunConfig, check_value, field_info, from_dict, set_path, strip_optional
-from ackd_search.models import create_model, list_models
+from ackd_search.models import create_model, model_name_problem, staging_problem
 from ackd_search.search.params import CHOICE_KEYS, FORBIDDEN_IN_SPACE, RANGE_KEYS, Param
 from ackd_search.search.samplers import PRUNER_DEFAULTS, PRUNERS, SAMPLER_DEFAULTS, SAMPLERS
 from ackd_search.search.settings import LearnerSpace, StudySettings
@@ -155,14 +155,20 @@ def _students(base: dict, params: list[Param]) -> list[str]:
 
 def num_stages_of(base: dict, params: list[Param]) -> int:
     """Stages of the student (the fewest over searched students); 0 when no student name is valid yet."""
-    names = [n for n in _students(base, params) if isinstance(n, str) and n in list_models()]
+    names = [n for n in _students(base, params) if model_name_problem(n) is None]
     return min((create_model(name, 10).num_stages for name in names), default=0)
 
 
-def check_learners(learners: LearnerSpace, num_stages: int, base: dict, source: str, problems: list[str]) -> None:
+def check_learners(learners: LearnerSpace, num_stages: int, base: dict, params: list[Param], source: str,
+                   problems: list[str]) -> None:
     fixed = base.get("distill", {}).get("ackd", {}).get("aux_placements")
     if fixed is not None:
         problems.append(f"{source}: learners: conflicts with the fixed run.distill.ackd.aux_placements; keep one")
+    for name in _students(base, params):
+        why = staging_problem(name) if model_name_problem(name) is None else None
+        if why:
+            problems.append(f"{source}: learners: {why}; allowed: no learners section (it still serves plain KD "
+                            "and the student alone)")
     for i, stage in enumerate(learners.stages or []):
         if num_stages and isinstance(stage, int) and not 1 <= stage < num_stages:
             problems.append(f"{source}: learners.stages[{i}]: {stage} is out of range; allowed: 1..{num_stages - 1}")

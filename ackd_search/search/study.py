@@ -85,12 +85,16 @@ def _base_seed(space: Space) -> int:
 
 
 def enqueue_presets(study: optuna.Study, space: Space, log: Callable[[str], None] = print) -> None:
-    """The reference ACKD point (our reconstruction) and plain KD run first, so the search never ends worse."""
+    """The reference ACKD point (our reconstruction), plain KD and DKD run first, so the search never ends worse:
+    each where the space can hold it (KD when it searches the method, DKD when it also searches the form)."""
     if not space.study.presets:
         return  # only the creator calls this; skip_if_exists keeps a point from being queued twice
     methods = space.methods()
-    for preset in ("reference", "kd"):
+    form = next((p for p in space.params if p.path == "distill.form"), None)
+    for preset in ("reference", "kd", "dkd"):
         wanted = "ackd" if preset == "reference" else "kd"
+        if preset == "dkd" and wanted in methods and (form is None or "dkd" not in form.choices):
+            continue  # the form is fixed: the confirmation's dkd baseline stands in
         if wanted not in methods:
             baseline = preset in getattr(space.study.confirm, "presets", ())
             log(f"preset {preset!r}: distill.method {wanted!r} is not searched in this space"
@@ -99,6 +103,8 @@ def enqueue_presets(study: optuna.Study, space: Space, log: Callable[[str], None
         values, outside = space.preset_values(preset)
         if "distill.method" in {p.path for p in space.params}:
             values["distill.method"] = wanted
+        if preset == "dkd":
+            values["distill.form"] = "dkd"
         study.enqueue_trial(values, user_attrs={"preset": preset, "preset_sampled": outside}, skip_if_exists=True)
         if outside:
             log(f"preset {preset!r}: {', '.join(outside)} outside this space's ranges, left to the sampler")

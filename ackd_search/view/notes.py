@@ -17,6 +17,7 @@ from ackd_search.search.params import (
     ADVERSARY_KNOBS,
     ATTENTION_KNOBS,
     COLLAB_KNOBS,
+    DKD_KNOBS,
     LEARNER_PARAM,
     TEACHER_KNOBS,
 )
@@ -144,7 +145,8 @@ def acting_knobs(config: dict[str, Any], params: dict[str, Any]) -> list[tuple[s
     method = distill.get("method")
     knobs = [(path, _get(config, path)) for path in TRAINING_KNOBS]
     if method in ("kd", "ackd"):
-        knobs += [(path, _get(config, path)) for path in sorted(TEACHER_KNOBS)]
+        dkd = distill.get("form") == "dkd"
+        knobs += [(path, _get(config, path)) for path in sorted(TEACHER_KNOBS) if dkd or path not in DKD_KNOBS]
     if method != "ackd":
         return [(p, v) for p, v in knobs if v is not None]
     ackd = distill.get("ackd", {})
