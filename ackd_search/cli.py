@@ -19,10 +19,10 @@ from ackd_search.backends.workers import run_workers
 from ackd_search.config import load_run_config
 from ackd_search.errors import CheckpointError, ConfigError, DataError, StudyError, UsageError
 from ackd_search.models import UnknownModelError
-from ackd_search.search.record import StudyPaths
-from ackd_search.search.space import load_space
-from ackd_search.search.study import open_existing_study, quiet_optuna
-from ackd_search.train import run_training
+from ackd_search.searching.record import StudyPaths
+from ackd_search.searching.space import load_space
+from ackd_search.searching.study import open_existing_study, quiet_optuna
+from ackd_search.training import run_training
 from ackd_search.view.export import describe, select_trial, write_export
 from ackd_search.view.progress import EpochBar, end_live_lines
 from ackd_search.view.report import write_report

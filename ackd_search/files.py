@@ -56,3 +56,25 @@ def write_text_atomic(path: Path, text: str) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+_VERIFIED: set[tuple[str, int, int]] = set()  # (file, size, mtime_ns) whose sha256 this process already checked
+
+
+def matches_sha256(path: Path, expected: str | None) -> bool:
+    """Whether `path` hashes to `expected`; a file this process checked before, unchanged since (same size and
+    mtime), is not read again, so every trial after the first skips rereading a cache of gigabytes."""
+    stat = path.stat()
+    mark = (str(path), stat.st_size, stat.st_mtime_ns)
+    if mark in _VERIFIED:
+        return True
+    if expected != sha256_file(path):
+        return False
+    _VERIFIED.add(mark)
+    return True
+
+
+def mark_verified(path: Path) -> None:
+    """`path` was just written and hashed by this process: `matches_sha256` need not read it again."""
+    stat = path.stat()
+    _VERIFIED.add((str(path), stat.st_size, stat.st_mtime_ns))

@@ -24,10 +24,10 @@ import torch
 from ackd_search.config import DistillConfig, RunConfig, kd_distill, reference_distill, to_dict
 from ackd_search.data import DeviceLoader
 from ackd_search.data.sources import get_splits
-from ackd_search.train.device import autocast_for, describe_device, resolve_device
-from ackd_search.train.loop import evaluate
-from ackd_search.train.runner import run_training
-from ackd_search.train.teachers import get_teacher
+from ackd_search.training.device import autocast_for, describe_device, resolve_device
+from ackd_search.training.loop import evaluate
+from ackd_search.training.runner import run_training
+from ackd_search.training.teachers import get_teacher
 
 RESULTS = Path(__file__).resolve().parent / "results" / "ackd-digits.json"
 METHODS: dict[str, DistillConfig] = {

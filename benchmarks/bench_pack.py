@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train import project_run, random_images, shaped_splits, synchronize  # noqa: E402
 
-from ackd_search.train.device import describe_device  # noqa: E402
+from ackd_search.training.device import describe_device  # noqa: E402
 
 
 def worker(args: argparse.Namespace) -> None:

@@ -43,10 +43,10 @@ from torchvision import transforms
 from ackd_search.config import AckdConfig, DistillConfig, OptimConfig, RunConfig, TeacherConfig, kd_distill
 from ackd_search.data import Augment, DataSplits, TensorSplit, channel_stats
 from ackd_search.models import create_model
-from ackd_search.train.captured import CapturedStep as _CapturedStep
-from ackd_search.train.device import autocast_for, describe_device, resolve_device
-from ackd_search.train.loop import Run as _Run
-from ackd_search.train.output_cache import TeacherOutputs
+from ackd_search.training.captured import CapturedStep as _CapturedStep
+from ackd_search.training.device import autocast_for, describe_device, resolve_device
+from ackd_search.training.loop import Run as _Run
+from ackd_search.training.output_cache import TeacherOutputs
 
 TEACHER, STUDENT, NUM_CLASSES, IMAGE_SIZE = "resnet32x4", "resnet8x4", 100, 32
 ROWS = ("reference", "project-kd", "project-ackd")

@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-from ackd_search.search.compare import confirmed, paired_difference, winner  # noqa: E402
-from ackd_search.search.record import CONFIRMS, search_trials  # noqa: E402
+from ackd_search.searching.compare import confirmed, paired_difference, winner  # noqa: E402
+from ackd_search.searching.record import CONFIRMS, search_trials  # noqa: E402
 
 
 def temporary_space(space: Path, tmp: Path, reuse_teacher: bool) -> tuple[Path, str, str]:

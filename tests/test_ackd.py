@@ -448,7 +448,7 @@ def digits_run(teacher_cache: Path, output_dir: Path, epochs: int, **ackd) -> Ru
 
 
 def test_short_ackd_training_on_digits_lowers_the_loss_and_beats_chance(tmp_path: Path, teacher_cache: Path):
-    from ackd_search.train.runner import run_training
+    from ackd_search.training.runner import run_training
 
     cfg = digits_run(teacher_cache, tmp_path / "run", epochs=6)
     result = run_training(cfg)
@@ -463,7 +463,7 @@ def test_short_ackd_training_on_digits_lowers_the_loss_and_beats_chance(tmp_path
 
 def test_an_interrupted_ackd_run_resumes_to_the_same_student(tmp_path: Path, teacher_cache: Path):
     """The checkpoint must hold the learners, projections, connectors, D and D's Adam state, not only the student."""
-    from ackd_search.train.runner import run_training
+    from ackd_search.training.runner import run_training
 
     options = {"aux_placements": [1, 2], "adv_input": "features", "aggregation": "attention"}
     straight = run_training(digits_run(teacher_cache, tmp_path / "straight", epochs=3, **options))

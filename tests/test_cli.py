@@ -19,9 +19,9 @@ from tiny_space import run_cli, tiny_space, write
 import ackd_search.cli as cli
 from ackd_search import __version__
 from ackd_search.cli import build_parser, main, parse_args
-from ackd_search.search.space import load_space
-from ackd_search.search.storage import make_storage
-from ackd_search.search.study import open_study
+from ackd_search.searching.space import load_space
+from ackd_search.searching.storage import make_storage
+from ackd_search.searching.study import open_study
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")  # studies made by ask/tell

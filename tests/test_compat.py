@@ -20,10 +20,10 @@ from ackd_search.config import load_run_config, to_dict
 from ackd_search.data import get_splits
 from ackd_search.files import sha256_file
 from ackd_search.models import create_model
-from ackd_search.search.confirm import enqueue_confirmation
-from ackd_search.search.space import load_space
-from ackd_search.search.study import open_existing_study, quiet_optuna
-from ackd_search.train import teachers
+from ackd_search.searching.confirm import enqueue_confirmation
+from ackd_search.searching.space import load_space
+from ackd_search.searching.study import open_existing_study, quiet_optuna
+from ackd_search.training import teachers
 from ackd_search.view.export import export_config, select_trial
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "study-0.1.0"

@@ -13,12 +13,12 @@ from optuna.trial import TrialState, create_trial
 from tiny_space import interrupted_at_epoch, tiny_space, write
 
 from ackd_search.backends.local import confirm_study, run_search
-from ackd_search.search.compare import Confirmed, paired_difference, winner, winner_config
-from ackd_search.search.confirm import config_key, preset_config
-from ackd_search.search.record import CONFIRMS
-from ackd_search.search.space import load_space
-from ackd_search.search.storage import make_storage
-from ackd_search.search.study import enqueue_presets, open_study, quiet_optuna
+from ackd_search.searching.compare import Confirmed, paired_difference, winner, winner_config
+from ackd_search.searching.confirm import config_key, preset_config
+from ackd_search.searching.record import CONFIRMS
+from ackd_search.searching.space import load_space
+from ackd_search.searching.storage import make_storage
+from ackd_search.searching.study import enqueue_presets, open_study, quiet_optuna
 from ackd_search.view.tables import confirmation_table
 
 quiet_optuna()

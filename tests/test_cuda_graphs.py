@@ -9,13 +9,13 @@ from dataclasses import replace
 import pytest
 import torch
 
-import ackd_search.train.checkpoints as trainer
+import ackd_search.training.checkpoints as trainer
 from ackd_search.config import AckdConfig, DataConfig, DistillConfig, OptimConfig, RunConfig, kd_distill
 from ackd_search.data.sources import get_splits
 from ackd_search.models import create_model
-from ackd_search.train.captured import CapturedStep as _CapturedStep
-from ackd_search.train.loop import Run as _Run
-from ackd_search.train.loop import train
+from ackd_search.training.captured import CapturedStep as _CapturedStep
+from ackd_search.training.loop import Run as _Run
+from ackd_search.training.loop import train
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

@@ -16,10 +16,10 @@ import optuna_dashboard
 import pytest
 from tiny_space import tiny_space, write
 
-from ackd_search.search.record import StudyPaths
-from ackd_search.search.space import load_space
-from ackd_search.search.storage import make_storage
-from ackd_search.search.study import open_study, quiet_optuna
+from ackd_search.searching.record import StudyPaths
+from ackd_search.searching.space import load_space
+from ackd_search.searching.storage import make_storage
+from ackd_search.searching.study import open_study, quiet_optuna
 from ackd_search.view.notes import annotate_trial
 from ackd_search.view.plots import PLOT_NAME
 

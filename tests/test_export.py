@@ -16,11 +16,11 @@ from tiny_space import run_cli, tiny_space, write
 
 from ackd_search.config import load_run_config, to_dict
 from ackd_search.errors import StudyError
-from ackd_search.search.artifacts import stored_config
-from ackd_search.search.record import CONFIRMS, StudyPaths
-from ackd_search.search.space import Space, load_space
-from ackd_search.search.storage import make_storage
-from ackd_search.search.study import open_study, quiet_optuna
+from ackd_search.searching.artifacts import stored_config
+from ackd_search.searching.record import CONFIRMS, StudyPaths
+from ackd_search.searching.space import Space, load_space
+from ackd_search.searching.storage import make_storage
+from ackd_search.searching.study import open_study, quiet_optuna
 from ackd_search.view.export import export_config, select_trial
 
 quiet_optuna()

@@ -19,13 +19,13 @@ import torch
 from optuna.trial import TrialState
 from tiny_space import tiny_space, write
 
-import ackd_search.search.objective as objective_module
-import ackd_search.train.loop as trainer_module
+import ackd_search.searching.objective as objective_module
+import ackd_search.training.loop as trainer_module
 from ackd_search.backends.local import run_search
 from ackd_search.distill import KD
-from ackd_search.search.space import load_space
-from ackd_search.search.storage import make_storage
-from ackd_search.search.study import open_study, quiet_optuna
+from ackd_search.searching.space import load_space
+from ackd_search.searching.storage import make_storage
+from ackd_search.searching.study import open_study, quiet_optuna
 
 ROOT = Path(__file__).resolve().parent.parent
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)

@@ -15,8 +15,8 @@ from ackd_search.config import DistillConfig, DkdConfig, OptimConfig, dkd_distil
 from ackd_search.distill import ACKD, KD, Form
 from ackd_search.distill.forms import distill_term, dkd_term, kd_term
 from ackd_search.models import create_model
-from ackd_search.search.confirm import candidates, plan_settings, preset_config
-from ackd_search.search.space import load_space
+from ackd_search.searching.confirm import candidates, plan_settings, preset_config
+from ackd_search.searching.space import load_space
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -23,9 +23,9 @@ from ackd_search.data import Augment, DataSplits, DeviceLoader, load_splits
 from ackd_search.data.sources import get_splits
 from ackd_search.distill import KD
 from ackd_search.models import create_model
-from ackd_search.train import output_cache
-from ackd_search.train.output_cache import teacher_outputs_for
-from ackd_search.train.runner import load_teacher, run_training
+from ackd_search.training import output_cache
+from ackd_search.training.output_cache import teacher_outputs_for
+from ackd_search.training.runner import load_teacher, run_training
 
 CPU = torch.device("cpu")
 
@@ -191,10 +191,10 @@ def test_kd_run_curve_with_the_cache_matches_and_it_is_computed_once(tmp_path: P
 WORKER = textwrap.dedent("""
     import sys
     from ackd_search.config import DataConfig, OptimConfig, RunConfig, TeacherConfig, kd_distill
-    from ackd_search.train.output_cache import teacher_outputs_for
-    from ackd_search.train.runner import load_teacher
+    from ackd_search.training.output_cache import teacher_outputs_for
+    from ackd_search.training.runner import load_teacher
     from ackd_search.data.sources import get_splits
-    from ackd_search.train.device import resolve_device
+    from ackd_search.training.device import resolve_device
     cfg = RunConfig(student="digits_cnn_small", data=DataConfig(name="digits"), optim=OptimConfig(epochs=2),
                     teacher=TeacherConfig(arch="digits_cnn_large", cache_dir=sys.argv[1], optim=OptimConfig(epochs=1),
                                           output_cache="on"), distill=kd_distill(), device="cpu", cpu_threads=1)

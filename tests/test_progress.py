@@ -11,8 +11,8 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 from tiny_space import tiny_space, write
 
-from ackd_search.search.space import load_space
-from ackd_search.search.study import quiet_optuna
+from ackd_search.searching.space import load_space
+from ackd_search.searching.study import quiet_optuna
 from ackd_search.view.progress import EpochBar, Progress, clock, end_live_lines
 
 quiet_optuna()

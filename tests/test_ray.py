@@ -25,9 +25,9 @@ from ackd_search.backends.ray_run import run_ray_search
 from ackd_search.config import ConfigError
 from ackd_search.errors import StudyError
 from ackd_search.models import count_parameters, create_model
-from ackd_search.search.space import load_space
-from ackd_search.search.storage import make_storage
-from ackd_search.search.study import enqueue_presets, open_study, quiet_optuna
+from ackd_search.searching.space import load_space
+from ackd_search.searching.storage import make_storage
+from ackd_search.searching.study import enqueue_presets, open_study, quiet_optuna
 from ackd_search.view.export import export_config, select_trial
 
 ROOT = Path(__file__).resolve().parent.parent

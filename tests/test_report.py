@@ -18,9 +18,9 @@ from tiny_space import tiny_space, write
 
 from ackd_search.backends.local import run_search
 from ackd_search.cli import main
-from ackd_search.search.record import search_trials
-from ackd_search.search.space import load_space
-from ackd_search.search.study import quiet_optuna
+from ackd_search.searching.record import search_trials
+from ackd_search.searching.space import load_space
+from ackd_search.searching.study import quiet_optuna
 from ackd_search.view.notes import annotate_study
 from ackd_search.view.plots import PLOT_NAME
 from ackd_search.view.report import write_report

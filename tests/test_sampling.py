@@ -11,9 +11,9 @@ import optuna
 import pytest
 import yaml
 
-from ackd_search.search.samplers import make_pruner, make_sampler
-from ackd_search.search.sampling import FairMethodSampler, MethodAwarePruner, default_floor
-from ackd_search.search.space import load_space
+from ackd_search.searching.samplers import make_pruner, make_sampler
+from ackd_search.searching.sampling import FairMethodSampler, MethodAwarePruner, default_floor
+from ackd_search.searching.space import load_space
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 METHOD = "distill.method"

@@ -23,9 +23,9 @@ from ackd_search.backends.local import run_search
 from ackd_search.config import load_run_config
 from ackd_search.errors import StudyError
 from ackd_search.models import count_parameters, create_model
-from ackd_search.search.space import load_space
-from ackd_search.search.storage import make_storage
-from ackd_search.search.study import open_study, quiet_optuna
+from ackd_search.searching.space import load_space
+from ackd_search.searching.storage import make_storage
+from ackd_search.searching.study import open_study, quiet_optuna
 from ackd_search.view.summary import summary
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -15,10 +15,10 @@ import yaml
 from ackd_search.config import ConfigError, RunConfig
 from ackd_search.distill.ackd import ACKD
 from ackd_search.models import create_model
-from ackd_search.search.params import LEARNER_PARAM
-from ackd_search.search.samplers import SAMPLERS, make_pruner, make_sampler
-from ackd_search.search.sampling import FairMethodSampler, MethodAwarePruner
-from ackd_search.search.space import load_space
+from ackd_search.searching.params import LEARNER_PARAM
+from ackd_search.searching.samplers import SAMPLERS, make_pruner, make_sampler
+from ackd_search.searching.sampling import FairMethodSampler, MethodAwarePruner
+from ackd_search.searching.space import load_space
 
 SPACES = Path(__file__).resolve().parent.parent / "spaces"
 

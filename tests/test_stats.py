@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from ackd_search.search.stats import (
+from ackd_search.searching.stats import (
     Difference,
     estimate_noise,
     paired_bootstrap,

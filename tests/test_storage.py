@@ -19,12 +19,12 @@ from test_workers import SERVERS, reachable_or_skip
 from tiny_space import interrupted_at_epoch, tiny_space, write
 
 from ackd_search.errors import StudyError
-from ackd_search.search.artifacts import upload_curve
-from ackd_search.search.objective import OptunaReporter
-from ackd_search.search.record import StudyPaths
-from ackd_search.search.space import load_space
-from ackd_search.search.storage import check_storage, make_storage
-from ackd_search.search.study import open_study, quiet_optuna
+from ackd_search.searching.artifacts import upload_curve
+from ackd_search.searching.objective import OptunaReporter
+from ackd_search.searching.record import StudyPaths
+from ackd_search.searching.space import load_space
+from ackd_search.searching.storage import check_storage, make_storage
+from ackd_search.searching.study import open_study, quiet_optuna
 
 ROOT = Path(__file__).resolve().parent.parent
 quiet_optuna()

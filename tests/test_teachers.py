@@ -19,10 +19,10 @@ from ackd_search.data import DataSplits, DeviceLoader
 from ackd_search.data.sources import get_splits
 from ackd_search.errors import CheckpointError
 from ackd_search.models import create_model
-from ackd_search.train import teachers
-from ackd_search.train.loop import evaluate
-from ackd_search.train.output_cache import MANIFEST
-from ackd_search.train.teachers import WEIGHTS, cache_entry, get_teacher, teacher_recipe
+from ackd_search.training import teachers
+from ackd_search.training.loop import evaluate
+from ackd_search.training.output_cache import MANIFEST
+from ackd_search.training.teachers import WEIGHTS, cache_entry, get_teacher, teacher_recipe
 
 CPU = torch.device("cpu")
 
@@ -189,7 +189,7 @@ def write_nothing(path: Path) -> None:
 
 
 @pytest.mark.parametrize(("write", "expected"), [
-    (write_wrong_arch, "does not fit teacher.arch 'digits_cnn_large': size mismatch for stem.0.weight"),
+    (write_wrong_arch, "does not fit the model: shape mismatch: stem.0.weight is (4, 1, 3, 3) in it"),
     (write_garbage, "cannot read checkpoint"),
     (write_tensor, "holds a Tensor, not a state dict"),
     (write_nothing, "teacher.checkpoint: file not found"),

@@ -30,10 +30,10 @@ from ackd_search.data import DeviceLoader
 from ackd_search.data.sources import get_splits
 from ackd_search.errors import CheckpointError
 from ackd_search.models import count_flops, count_parameters, create_model
-from ackd_search.train.checkpoints import CHECKPOINT
-from ackd_search.train.device import resolve_device
-from ackd_search.train.loop import NonFiniteLossError, Reporter, RunResult, evaluate
-from ackd_search.train.runner import run_training
+from ackd_search.training.checkpoints import CHECKPOINT
+from ackd_search.training.device import resolve_device
+from ackd_search.training.loop import NonFiniteLossError, Reporter, RunResult, evaluate
+from ackd_search.training.runner import run_training
 
 TEACHER_EPOCHS = 5  # the large digits CNN reaches ~95% val accuracy in 5 epochs
 
@@ -334,7 +334,7 @@ def test_checkpoint_of_another_study_is_refused_in_one_line(tmp_path: Path, save
 
 
 def test_checkpoint_of_another_code_version_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import ackd_search.train.checkpoints as trainer_module
+    import ackd_search.training.checkpoints as trainer_module
 
     cfg = run_config(tmp_path, "student", epochs=2, output_dir=tmp_path / "run", limit=200)
     with pytest.raises(SimulatedCrash):
@@ -361,9 +361,9 @@ def test_switching_cuda_graphs_does_not_orphan_a_checkpoint(tmp_path: Path) -> N
 def test_trainer_does_not_import_the_teachers_module() -> None:
     import ast
 
-    import ackd_search.train.loop as trainer_module
+    import ackd_search.training.loop as trainer_module
 
     tree = ast.parse(Path(trainer_module.__file__).read_text())
     imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-    assert "ackd_search.train.teachers" not in imported
+    assert "ackd_search.training.teachers" not in imported

@@ -18,7 +18,7 @@ from tiny_space import tiny_space, write
 
 from ackd_search.backends.workers import shares
 from ackd_search.errors import StudyError
-from ackd_search.search.storage import check_storage
+from ackd_search.searching.storage import check_storage
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVERS = {

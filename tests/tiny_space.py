@@ -72,7 +72,7 @@ def interrupted_at_epoch(monkeypatch, epoch: int, when=lambda reporter: True):
     the first trial `when(reporter)` accepts; use as `with interrupted_at_epoch(...):` around the interrupted run."""
     import contextlib
 
-    import ackd_search.search.objective as objective_module
+    import ackd_search.searching.objective as objective_module
 
     real_call = objective_module.OptunaReporter.__call__
     fired = []

@@ -11,11 +11,11 @@ import optuna
 
 from ackd_search import __version__
 from ackd_search.errors import StudyError
-from ackd_search.search.preflight import preflight
-from ackd_search.search.record import FINISHED
-from ackd_search.search.space import Space
-from ackd_search.search.storage import check_storage, existing_study, make_storage, safe_url
-from ackd_search.search.study import open_study, optimize, requeue_interrupted, run_confirmation, say_running
+from ackd_search.searching.preflight import preflight
+from ackd_search.searching.record import FINISHED
+from ackd_search.searching.space import Space
+from ackd_search.searching.storage import check_storage, existing_study, make_storage, safe_url
+from ackd_search.searching.study import open_study, optimize, requeue_interrupted, run_confirmation, say_running
 from ackd_search.view.hooks import UserView
 
 

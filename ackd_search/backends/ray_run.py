@@ -25,13 +25,13 @@ from ackd_search.backends.ray_search import PrunerScheduler, StudySearch, fail_s
 from ackd_search.backends.ray_trainable import train_trial
 from ackd_search.config import from_dict
 from ackd_search.errors import StudyError, one_line
-from ackd_search.search.preflight import preflight
-from ackd_search.search.record import FINISHED, OBJECTIVE, StudyPaths
-from ackd_search.search.samplers import PRUNER_DEFAULTS, make_pruner
-from ackd_search.search.settings import RayOptions
-from ackd_search.search.space import Space
-from ackd_search.search.storage import check_storage, make_storage, safe_url
-from ackd_search.search.study import open_study, requeue_interrupted, run_confirmation
+from ackd_search.searching.preflight import preflight
+from ackd_search.searching.record import FINISHED, OBJECTIVE, StudyPaths
+from ackd_search.searching.samplers import PRUNER_DEFAULTS, make_pruner
+from ackd_search.searching.settings import RayOptions
+from ackd_search.searching.space import Space
+from ackd_search.searching.storage import check_storage, make_storage, safe_url
+from ackd_search.searching.study import open_study, requeue_interrupted, run_confirmation
 from ackd_search.view.hooks import UserView
 
 Scheduler = Literal["asha", "pruner", "fifo"]

@@ -23,12 +23,12 @@ from ray.tune.search.optuna import OptunaSearch
 from ackd_search.backends.ray_trainable import OUTCOME, history_row
 from ackd_search.config import RunConfig, from_dict, to_dict, with_absolute_paths
 from ackd_search.errors import one_line
-from ackd_search.search.artifacts import compact_history, upload_best_weights, upload_config
-from ackd_search.search.hooks import SearchHooks
-from ackd_search.search.objective import frozen, record_curve, set_aside_foreign_checkpoint, trial_identity
-from ackd_search.search.record import OBJECTIVE, StudyPaths, root_trial_number
-from ackd_search.search.space import Space
-from ackd_search.train import CHECKPOINT
+from ackd_search.searching.artifacts import compact_history, upload_best_weights, upload_config
+from ackd_search.searching.hooks import SearchHooks
+from ackd_search.searching.objective import frozen, record_curve, set_aside_foreign_checkpoint, trial_identity
+from ackd_search.searching.record import OBJECTIVE, StudyPaths, root_trial_number
+from ackd_search.searching.space import Space
+from ackd_search.training import CHECKPOINT
 
 
 class StudySearch(OptunaSearch):

@@ -12,9 +12,9 @@ from ray import tune
 
 from ackd_search.config import RunConfig, from_dict
 from ackd_search.errors import one_line
-from ackd_search.search.artifacts import compact_history, trial_attrs, write_traceback
-from ackd_search.search.record import OBJECTIVE
-from ackd_search.train import CHECKPOINT, NonFiniteLossError, run_training
+from ackd_search.searching.artifacts import compact_history, trial_attrs, write_traceback
+from ackd_search.searching.record import OBJECTIVE
+from ackd_search.training import CHECKPOINT, NonFiniteLossError, run_training
 
 OUTCOME = "ackd_outcome"  # key of a trial's last report: how it ended, as JSON (Tune flattens nested dicts)
 

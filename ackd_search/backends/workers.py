@@ -14,10 +14,10 @@ import sys
 
 from ackd_search.backends.local import logger, run_search
 from ackd_search.backends.packing import WorkerSlot, detect, visible_gpus
-from ackd_search.search.preflight import preflight
-from ackd_search.search.space import Space
-from ackd_search.search.storage import check_storage, make_storage
-from ackd_search.search.study import open_study, requeue_interrupted, run_confirmation
+from ackd_search.searching.preflight import preflight
+from ackd_search.searching.space import Space
+from ackd_search.searching.storage import check_storage, make_storage
+from ackd_search.searching.study import open_study, requeue_interrupted, run_confirmation
 from ackd_search.view.hooks import UserView
 from ackd_search.view.progress import EpochBar
 from ackd_search.view.summary import summary

@@ -19,12 +19,28 @@ MODEL_FIELD = {"check_fn": model_name_problem}
 
 @dataclass
 class DataConfig:
-    name: Literal["digits", "cifar10", "cifar100"] = "digits"
+    """Which data a run reads (ackd_search/data): a built-in set, `imagefolder`, `arrays` or `torchvision:<Class>`."""
+
+    name: Literal["digits", "cifar10", "cifar100", "imagefolder", "arrays", "torchvision:MNIST",
+                  "torchvision:FashionMNIST", "torchvision:KMNIST", "torchvision:USPS", "torchvision:SVHN",
+                  "torchvision:STL10", "torchvision:CIFAR10", "torchvision:CIFAR100"] = "digits"
+    # digits / cifar*: the files' folder; imagefolder: ROOT of ROOT/train/<class>/<image> (+ ROOT/val, ROOT/test);
+    # arrays: an .npz or a folder of .npy files (x_train, y_train, x_val, ...); torchvision:*: the class's root.
     data_root: str = "data"
     val_fraction: float = bounded(gt=0.0, le=0.5, default=0.1)
     split_seed: int = 0  # fixed so every trial of a search shares one validation set
     download: bool = True
     limit: int | None = bounded(ge=10, default=None)  # cap on train+val images, for smoke runs
+    # imagefolder: resize the shorter side to N and centre-crop N x N (None: keep, when every image has one size).
+    image_size: int | None = bounded(ge=8, le=4096, default=None)
+    # imagefolder: auto = 1 channel when every image is grey, else RGB.
+    channels: Literal["auto", "rgb", "grey"] = "auto"
+    mean: list[float] | None = None  # per channel, in [0, 1] units; None: computed on the training split
+    std: list[float] | None = None
+    num_classes: int | None = bounded(ge=2, le=1_000_000, default=None)  # arrays: None = the largest label + 1
+    # auto: the data set's standard one, else by resolution (pad-crop + flip below 64 px, resized crop + flip above).
+    augment: Literal["auto", "none", "crop", "crop_flip", "resized_crop", "resized_crop_flip"] = "auto"
+    cache_dir: str = "studies/decoded"  # imagefolder: the decoded uint8 arrays, shared by every trial and worker
 
 
 @dataclass
@@ -54,7 +70,13 @@ class OptimConfig:
 @dataclass
 class TeacherConfig:
     arch: str = field(default="digits_cnn_large", metadata=MODEL_FIELD)
-    checkpoint: str | None = None  # the user's own teacher weights (a state dict) instead of the cached one
+    # The user's own teacher weights: a state dict file (.pt / .pth read with weights_only=True, or .safetensors),
+    # in the library's key names or ours; used as it is, or fine-tuned first with `finetune`.
+    checkpoint: str | None = None
+    pretrained: bool = False  # the library's own weights (timm / torchvision download them; needs a network)
+    # Fine-tune the checkpoint or the pretrained weights on this data once (a head of other classes is replaced
+    # by a fresh one), cached like a trained teacher: {epochs, lr, ...} as `optim`. None: use them as they are.
+    finetune: OptimConfig | None = None
     seed: int = 0
     cache_dir: str = "studies/teachers"
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(epochs=30))
@@ -133,6 +155,10 @@ class DistillConfig:
 class RunConfig:
     seed: int = 0
     student: str = field(default="digits_cnn_small", metadata=MODEL_FIELD)
+    # The student's initial weights: a state dict file (a head of other classes is replaced by a fresh one), or
+    # the library's pretrained weights (`student_pretrained`); None and false: trained from scratch.
+    student_init: str | None = None
+    student_pretrained: bool = False
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(epochs=20))
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -153,7 +179,8 @@ class RunConfig:
 
 
 # Every file-system path in a run config: resolved against the driver's folder before a run goes to another process.
-PATH_FIELDS = ("output_dir", "data.data_root", "teacher.cache_dir", "teacher.checkpoint")
+PATH_FIELDS = ("output_dir", "data.data_root", "data.cache_dir", "teacher.cache_dir", "teacher.checkpoint",
+               "student_init")
 
 
 # Hand-set points: ACKD's is our reconstruction, KD's RepDistiller's KD weighting, DKD's mdistiller's setting.

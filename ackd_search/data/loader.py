@@ -1,17 +1,24 @@
-"""DeviceLoader: keeps a split on the device and batches, crops, flips and normalises it there, with each image's
-view id for the teacher-output cache; order and augmentation depend only on (seed, epoch)."""
+"""DeviceLoader: batches a split on the device (or streams it there from host memory when it does not fit), crops,
+flips and normalises it there, with each image's view id for the teacher-output cache; draws depend on (seed, epoch)."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
+
+from ackd_search.data.resized_crop import ResizedCropFlip
 from ackd_search.data.splits import Augment, TensorSplit
 from ackd_search.errors import DataError
 
 EPOCH_STRIDE = 100_003  # generator seed = seed * stride + epoch; prime, so (seed, epoch) pairs rarely collide
+# Resident when the split's uint8 images take at most this share of the GPU's free memory at construction (the rest
+# is the model's, the teacher-output cache's and the other loaders'); on the CPU always: there the images are already
+# host memory (memory-mapped from the decode cache for an imagefolder) and batches are gathered from them either way.
+RESIDENT_GPU_FRACTION = 0.5
 
 
 def crop_flip(x: torch.Tensor, pad: int, offsets: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
@@ -34,16 +41,35 @@ def crop_flip(x: torch.Tensor, pad: int, offsets: torch.Tensor, flip: torch.Tens
     ]
 
 
+def fits_device(nbytes: int, device: torch.device) -> bool:
+    """Whether `nbytes` of images should live on `device` (RESIDENT_GPU_FRACTION of its free memory)."""
+    if device.type != "cuda":
+        return True
+    free, _ = torch.cuda.mem_get_info(device)
+    return nbytes <= RESIDENT_GPU_FRACTION * free
+
+
+def _active(augment: Augment | ResizedCropFlip | None) -> Augment | ResizedCropFlip | None:
+    if isinstance(augment, Augment) and augment.pad == 0 and not augment.flip:
+        return None
+    return augment
+
+
 class DeviceLoader:
-    """Batches a TensorSplit that lives on `device`; order and augmentation depend only on (seed, epoch).
+    """Batches a TensorSplit for `device`; order and augmentation depend only on (seed, epoch).
+
+    `resident` (None: `fits_device`): the images move to the device once and batches are gathered there; else they
+    STREAM: each batch's rows are gathered on the host (a thread gathers the next batch meanwhile), pinned and copied
+    with non_blocking=True, then augmented on the device exactly as a resident batch is, so both give equal batches.
 
     `iter_views()` yields the same batches with their VIEW IDS: image index * num_views + the view number of the
-    crop and flip the image got (see `Augment`), so a cache of per-view outputs can be read for the batch."""
+    crop and flip the image got (see `Augment`), so a cache of per-view outputs can be read for the batch; a
+    `ResizedCropFlip` has no enumerable views (num_views 1, and `iter_views` / `view_images` refuse)."""
 
     def __init__(self, split: TensorSplit, batch_size: int, device: torch.device | str,
-                 mean: Sequence[float], std: Sequence[float], augment: Augment | None = None,
+                 mean: Sequence[float], std: Sequence[float], augment: Augment | ResizedCropFlip | None = None,
                  shuffle: bool = False, seed: int = 0, drop_last: bool = False, channels_last: bool = False,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, resident: bool | None = None):
         if batch_size < 1:
             raise DataError(f"batch_size must be >= 1, got {batch_size}")
         if split.x.dtype != torch.uint8:
@@ -52,12 +78,16 @@ class DeviceLoader:
         if len(mean) != channels or len(std) != channels:
             raise DataError(f"mean/std need {channels} values (one per channel), got {len(mean)}/{len(std)}")
         self.device = torch.device(device)
-        self.x = split.x.to(self.device)  # moved once; batches are gathered on the device
+        nbytes = split.x.numel() * split.x.element_size()
+        self.resident = fits_device(nbytes, self.device) if resident is None else resident
+        # Resident: moved once, batches gathered on the device. Streaming: left in host memory (a memory-mapped
+        # decode cache stays mapped), batches gathered there.
+        self.x = split.x.to(self.device) if self.resident else split.x.cpu()
         self.y = split.y.to(self.device, dtype=torch.int64)
         self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         self.batch_size = batch_size
-        self.augment = augment if augment and (augment.pad > 0 or augment.flip) else None
+        self.augment = _active(augment)
         self.shuffle = shuffle
         self.seed = seed
         self.drop_last = drop_last
@@ -74,19 +104,29 @@ class DeviceLoader:
             return self.num_samples // self.batch_size
         return math.ceil(self.num_samples / self.batch_size)
 
-    def _draws(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    def _draws(self) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         # A fresh CPU generator per epoch: identical draws on any device and regardless of what ran before,
-        # which is what makes a resumed run bit-exact.
+        # which is what makes a resumed run bit-exact. The order of draws is today's for `Augment`.
         gen = torch.Generator().manual_seed(self.seed * EPOCH_STRIDE + self.epoch)
         n = self.num_samples
         order = torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
         if self.augment is None:
-            return order.to(self.device), None, None
+            return order, ()
+        if isinstance(self.augment, ResizedCropFlip):
+            h, w = self.x.shape[-2:]
+            return order, (self.augment.draw(n, h, w, gen).to(self.device),)
         offsets = torch.randint(0, 2 * self.augment.pad + 1, (n, 2), generator=gen)
         flips = torch.rand(n, generator=gen) < 0.5
         if not self.augment.flip:
             flips.zero_()
-        return order.to(self.device), offsets.to(self.device), flips.to(self.device)
+        return order, (offsets.to(self.device), flips.to(self.device))
+
+    def _augmented(self, x: torch.Tensor, draws: tuple[torch.Tensor, ...], sl: slice) -> torch.Tensor:
+        if self.augment is None:
+            return x
+        if isinstance(self.augment, ResizedCropFlip):
+            return self.augment.apply(x, draws[0][sl])
+        return crop_flip(x, self.augment.pad, draws[0][sl], draws[1][sl])
 
     def _normalize(self, x: torch.Tensor) -> torch.Tensor:
         # Same arithmetic as ToTensor + Normalize, so results match a torchvision pipeline.
@@ -95,25 +135,48 @@ class DeviceLoader:
             x = x.contiguous(memory_format=torch.channels_last)
         return x.to(self.dtype)
 
+    def _to_device(self, rows: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":
+            # Pinned here, in the consuming thread: no CUDA call runs beside a CUDA-graph capture of the step.
+            return rows.pin_memory().to(self.device, non_blocking=True)
+        return rows.to(self.device)
+
+    def _streamed(self, order: torch.Tensor, slices: list[slice]) -> Iterator[torch.Tensor]:
+        """The host rows of each slice of `order`, on the device; a thread gathers one batch ahead."""
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(self.x.index_select, 0, order[slices[0]]) if slices else None
+            for i in range(len(slices)):
+                rows = pending.result()
+                if i + 1 < len(slices):
+                    pending = pool.submit(self.x.index_select, 0, order[slices[i + 1]])
+                yield self._to_device(rows)
+
     @property
     def num_views(self) -> int:
-        """Distinct augmented views per image (1 without augmentation)."""
-        return self.augment.num_views if self.augment is not None else 1
+        """Distinct augmented views per image (1 without augmentation, and for a ResizedCropFlip)."""
+        return self.augment.num_views if isinstance(self.augment, Augment) else 1
+
+    def _check_views(self) -> None:
+        if isinstance(self.augment, ResizedCropFlip):
+            raise DataError(f"views of {self.augment!r} cannot be enumerated (no teacher-output cache for it)")
 
     def _batches(self, with_views: bool) -> Iterator[tuple[torch.Tensor, ...]]:
-        order, offsets, flips = self._draws()
-        for i in range(len(self)):
-            sl = slice(i * self.batch_size, (i + 1) * self.batch_size)
-            idx = order[sl]
-            x = self.x[idx]
-            if self.augment is not None:
-                x = crop_flip(x, self.augment.pad, offsets[sl], flips[sl])
+        order, draws = self._draws()
+        order_dev = order.to(self.device)
+        slices = [slice(i * self.batch_size, (i + 1) * self.batch_size) for i in range(len(self))]
+        if self.resident:
+            rows = (self.x.index_select(0, order_dev[sl]) for sl in slices)  # 10x faster than x[idx] on a CPU
+        else:
+            rows = self._streamed(order, slices)
+        for sl, x in zip(slices, rows):
+            idx = order_dev[sl]
+            x = self._augmented(x, draws, sl)
             if not with_views:
                 yield self._normalize(x), self.y[idx]
                 continue
             views = idx * self.num_views
             if self.augment is not None:
-                views = views + self.augment.view_index(offsets[sl], flips[sl])
+                views = views + self.augment.view_index(draws[0][sl], draws[1][sl])
             yield self._normalize(x), self.y[idx], views
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -121,15 +184,16 @@ class DeviceLoader:
 
     def iter_views(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """The batches of `iter(self)` (same draws, same order) with each image's view id (int64, on the device)."""
+        self._check_views()
         return self._batches(with_views=True)  # type: ignore[return-value]
 
     def view_images(self, views: torch.Tensor) -> torch.Tensor:
         """The normalized augmented images of view ids `views` (any order): what a batch holding them yields."""
+        self._check_views()
         views = views.to(self.device)
         idx = torch.div(views, self.num_views, rounding_mode="floor")
-        x = self.x[idx]
+        x = self.x.index_select(0, idx) if self.resident else self._to_device(self.x.index_select(0, idx.cpu()))
         if self.augment is not None:
             offsets, flips = self.augment.decode(views % self.num_views)
             x = crop_flip(x, self.augment.pad, offsets, flips)
         return self._normalize(x)
-

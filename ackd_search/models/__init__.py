@@ -7,6 +7,7 @@ from ackd_search.errors import ModelError, UnknownModelError, WeightsError
 from ackd_search.models import digits, mobilenetv2, resnet, shufflenet, vgg, wrn  # noqa: F401  (registration)
 from ackd_search.models.base import ClassifierHead, Head, StagedNet, StageInfo, list_models, register_model
 from ackd_search.models.complexity import count_flops, count_parameters
+from ackd_search.models.init import initial_model
 from ackd_search.models.learners import fresh_head, fresh_stages, replace_head
 from ackd_search.models.names import (
     PREFIXES,
@@ -16,8 +17,11 @@ from ackd_search.models.names import (
     staging_problem,
     supports_width,
 )
+from ackd_search.models.user_models import register_builder
 from ackd_search.models.weights import (
+    checkpoint_classes,
     head_mismatch,
+    load_failure,
     load_original_state_dict,
     original_state_dict,
     read_state_dict,
@@ -38,12 +42,16 @@ __all__ = [
     "create_model",
     "fresh_head",
     "fresh_stages",
+    "checkpoint_classes",
     "head_mismatch",
+    "initial_model",
     "list_models",
+    "load_failure",
     "load_original_state_dict",
     "model_name_problem",
     "original_state_dict",
     "read_state_dict",
+    "register_builder",
     "register_model",
     "replace_head",
     "staging_problem",

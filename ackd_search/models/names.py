@@ -9,16 +9,18 @@ from ackd_search.errors import ModelError, UnknownModelError
 from ackd_search.models import timm_models, torchvision_models, user_models
 from ackd_search.models.base import StagedNet, create_zoo_model, is_zoo_model, list_models
 
-PREFIXES = (timm_models.PREFIX, torchvision_models.PREFIX, user_models.PREFIX)
+PREFIXES = (timm_models.PREFIX, torchvision_models.PREFIX, user_models.PREFIX, user_models.PYTHON_PREFIX)
 _BUILDERS = {
     timm_models.PREFIX: timm_models.build_timm,
     torchvision_models.PREFIX: torchvision_models.build_torchvision,
     user_models.PREFIX: user_models.build_user,
+    user_models.PYTHON_PREFIX: user_models.build_registered,
 }
 _NAME_PROBLEMS = {
     timm_models.PREFIX: timm_models.timm_name_problem,
     torchvision_models.PREFIX: torchvision_models.torchvision_name_problem,
     user_models.PREFIX: user_models.user_name_problem,
+    user_models.PYTHON_PREFIX: user_models.registered_problem,
 }
 
 

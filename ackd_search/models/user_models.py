@@ -122,7 +122,38 @@ def build_user(name: str, num_classes: int, in_channels: int = 3, pretrained: bo
     if pretrained:
         raise ModelError(f"{label}: py: builders have no library weights to download; load them in the builder "
                          "or give a checkpoint file")
-    model = _call(load_builder(name), label, num_classes, in_channels)
+    return _staged(label, load_builder(name), num_classes, in_channels)
+
+
+# Builders handed to the Python API (`ackd_search.searching(student=fn)`): known in this process only.
+PYTHON_PREFIX = "python:"
+_REGISTERED: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_builder(name: str, builder: Callable[..., nn.Module]) -> str:
+    """Make `builder(num_classes=..., [in_channels=...])` buildable as `python:<name>` in this process."""
+    if not callable(builder):
+        raise ModelError(f"{PYTHON_PREFIX}{name}: a builder must be callable, got {type(builder).__name__}")
+    _REGISTERED[name] = builder
+    return PYTHON_PREFIX + name
+
+
+def registered_problem(name: str) -> str | None:
+    if name in _REGISTERED:
+        return None
+    return (f"{PYTHON_PREFIX}{name} is a builder handed to the Python API in the process that made the study; "
+            "this process cannot rebuild it: give it as py:<file.py>:<function> to use it from the command line")
+
+
+def build_registered(name: str, num_classes: int, in_channels: int = 3, pretrained: bool = False) -> StagedNet:
+    problem = registered_problem(name)
+    if problem or pretrained:
+        raise UnknownModelError(problem or f"{PYTHON_PREFIX}{name}: load pretrained weights in the builder")
+    return _staged(PYTHON_PREFIX + name, _REGISTERED[name], num_classes, in_channels)
+
+
+def _staged(label: str, builder: Callable[..., nn.Module], num_classes: int, in_channels: int) -> StagedNet:
+    model = _call(builder, label, num_classes, in_channels)
     if isinstance(model, StagedNet):
         fc = getattr(model.head, "fc", None)
         if not hasattr(model.head, "pooled") or not isinstance(fc, nn.Linear):

@@ -56,9 +56,27 @@ def _refusal(path: Path, err: BaseException) -> str:
         return (f"{path} holds a pickled model ({model}), not a state dict; save its weights with "
                 "`torch.save(model.state_dict(), path)` and give that file")
     match = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
-    what = objects[0] if objects else (match.group(1) if match else "a Python object")
-    return (f"{path} holds pickled Python objects ({what}), not only tensors; save a plain state dict with "
-            "`torch.save(model.state_dict(), path)`")
+    if not objects and not match:  # no object inside: not a torch.save file at all (random bytes, truncated)
+        return f"cannot read checkpoint {path}: {load_failure(err)}"
+    what = objects[0] if objects else match.group(1)
+    return (f"{path} holds pickled Python objects ({what}), not only tensors (refused by weights_only=True "
+            "loading); save a plain state dict with `torch.save(model.state_dict(), path)`")
+
+
+_WEIGHTS_ONLY_ADVICE = ("Weights only load failed", "(1) In PyTorch", "(2) Alternatively", "Please file an issue",
+                        "Check the documentation")
+
+
+def load_failure(err: BaseException) -> str:
+    """One line of why torch.load failed. Its weights_only message opens with advice to load unsafely (even for
+    a file of random bytes) and carries terminal colour codes; the actual reason is on a later line."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
+    if not text.startswith(_WEIGHTS_ONLY_ADVICE[0]):
+        return next((line.strip() for line in text.splitlines() if line.strip()), type(err).__name__)[:200]
+    detail = text.split("WeightsUnpickler error:")[-1]
+    lines = [line.strip() for line in detail.splitlines() if line.strip()]
+    reason = next((line for line in lines if not line.startswith(_WEIGHTS_ONLY_ADVICE)), "not a plain state dict")
+    return f"refused by weights_only=True loading: {reason}"[:200]
 
 
 def _load_file(path: Path) -> object:
@@ -153,11 +171,17 @@ def original_state_dict(net: StagedNet) -> dict[str, torch.Tensor]:
     return {original: state[staged] for original, staged in net.original_keys.items()}
 
 
+def checkpoint_classes(net: StagedNet, state: dict[str, torch.Tensor]) -> int | None:
+    """The number of outputs of the checkpoint's final Linear (found by `net`'s names for it), or None."""
+    candidates = ["head.fc.weight"] + [o for o, s in (net.original_keys or {}).items() if s == "head.fc.weight"]
+    weight = next((state[k] for k in candidates if k in state), None)
+    return int(weight.shape[0]) if weight is not None and weight.dim() == 2 else None
+
+
 def head_mismatch(net: StagedNet, state: dict[str, torch.Tensor], num_classes: int) -> str | None:
     """'head has 1000 outputs, the data set has 3 classes' when the checkpoint's final Linear does not match the
     data's classes (the caller adds whose head and what to do), else None."""
-    candidates = ["head.fc.weight"] + [o for o, s in (net.original_keys or {}).items() if s == "head.fc.weight"]
-    weight = next((state[k] for k in candidates if k in state), None)
-    if weight is None or weight.dim() != 2 or weight.shape[0] == num_classes:
+    outputs = checkpoint_classes(net, state)
+    if outputs is None or outputs == num_classes:
         return None
-    return f"head has {weight.shape[0]} outputs, the data set has {num_classes} classes"
+    return f"head has {outputs} outputs, the data set has {num_classes} classes"

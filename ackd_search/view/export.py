@@ -15,11 +15,11 @@ from optuna.trial import FrozenTrial, TrialState
 from ackd_search import __version__
 from ackd_search.config import AckdConfig, OptimConfig, RunConfig, from_dict, save_run_config
 from ackd_search.errors import StudyError, UsageError
-from ackd_search.search.artifacts import stored_config
-from ackd_search.search.compare import winner
-from ackd_search.search.params import LEARNER_PARAM
-from ackd_search.search.record import CONFIRMS, StudyPaths, search_trials
-from ackd_search.search.space import Space
+from ackd_search.searching.artifacts import stored_config
+from ackd_search.searching.compare import winner
+from ackd_search.searching.params import LEARNER_PARAM
+from ackd_search.searching.record import CONFIRMS, StudyPaths, search_trials
+from ackd_search.searching.space import Space
 
 
 def check_same_space(study: optuna.Study, space: Space) -> None:

@@ -9,10 +9,10 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial
 
-from ackd_search.search.hooks import SearchHooks
-from ackd_search.search.record import StudyPaths
-from ackd_search.search.space import Space
-from ackd_search.train import Reporter
+from ackd_search.searching.hooks import SearchHooks
+from ackd_search.searching.record import StudyPaths
+from ackd_search.searching.space import Space
+from ackd_search.training import Reporter
 from ackd_search.view.notes import annotate_study, annotate_trial
 from ackd_search.view.progress import EpochBar, Progress
 

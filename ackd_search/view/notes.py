@@ -11,8 +11,8 @@ import optuna
 from optuna.artifacts import upload_artifact
 from optuna_dashboard import save_note
 
-from ackd_search.search.artifacts import artifact_store
-from ackd_search.search.params import (
+from ackd_search.searching.artifacts import artifact_store
+from ackd_search.searching.params import (
     ACKD,
     ADVERSARY_KNOBS,
     ATTENTION_KNOBS,
@@ -21,7 +21,7 @@ from ackd_search.search.params import (
     LEARNER_PARAM,
     TEACHER_KNOBS,
 )
-from ackd_search.search.record import CONFIRMS, OBJECTIVE, StudyPaths, search_trials
+from ackd_search.searching.record import CONFIRMS, OBJECTIVE, StudyPaths, search_trials
 from ackd_search.view.plots import PLOT_NAME, plot_history
 from ackd_search.view.tables import confirmation_table
 

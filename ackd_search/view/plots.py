@@ -9,7 +9,7 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from ackd_search.search.record import OBJECTIVE
+from ackd_search.searching.record import OBJECTIVE
 
 PLOT_NAME = "loss_terms.png"
 

@@ -16,8 +16,8 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
-from ackd_search.search.record import CONFIRMS, bracket, is_interrupted, stop_reason, trial_label, trial_line
-from ackd_search.search.space import Space
+from ackd_search.searching.record import CONFIRMS, bracket, is_interrupted, stop_reason, trial_label, trial_line
+from ackd_search.searching.space import Space
 from ackd_search.view.summary import best_text
 
 PLAIN_EPOCH_EVERY_S = 30.0  # off a terminal, an epoch line at most this often per run (and always the last epoch)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import optuna
 
-from ackd_search.search.record import OBJECTIVE, search_trials
+from ackd_search.searching.record import OBJECTIVE, search_trials
 from ackd_search.view.summary import search_only_study, summary
 from ackd_search.view.tables import confirmation_table
 

@@ -11,7 +11,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from ackd_search.errors import one_line
-from ackd_search.search.record import CONFIRMS, OBJECTIVE, search_trials
+from ackd_search.searching.record import CONFIRMS, OBJECTIVE, search_trials
 from ackd_search.view.tables import confirmation_table
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import optuna
 
-from ackd_search.search.compare import CONFIDENCE, baseline, confirmed, paired_difference, winner_of
+from ackd_search.searching.compare import CONFIDENCE, baseline, confirmed, paired_difference, winner_of
 
 
 def confirmation_table(study: optuna.Study) -> list[str]:

@@ -41,7 +41,7 @@ from ackd_search.config import (
     to_dict,
 )
 from ackd_search.models import supports_width
-from ackd_search.search.params import (
+from ackd_search.searching.params import (
     ACKD,
     ADVERSARY_KNOBS,
     ATTENTION_KNOBS,
@@ -52,8 +52,8 @@ from ackd_search.search.params import (
     TEACHER_KNOBS,
     Param,
 )
-from ackd_search.search.settings import LearnerSpace, StudySettings
-from ackd_search.search.space_checks import (
+from ackd_search.searching.settings import LearnerSpace, StudySettings
+from ackd_search.searching.space_checks import (
     check_base,
     check_learners,
     check_second_objective,
@@ -112,7 +112,8 @@ class Space:
                 counts[stage] = values[path] = trial.suggest_int(path, 0, self.learners.max_per_stage)
             placements = self.capped_placements(counts)
             trial.set_user_attr("aux_placements", placements)
-        ordered = [by_path[g] for g in GATES[1:] if g in by_path] + [p for p in self.params if p.path not in GATES]
+        gates = [by_path[g] for g in GATES if g in by_path and g != "distill.method"]
+        ordered = gates + [p for p in self.params if p.path not in GATES]
         for param in ordered:
             if self.acts(param.path, values, len(placements)):
                 values[param.path] = param.suggest(trial)
@@ -237,8 +238,11 @@ def _get(data: dict, dotted: str) -> Any:
 
 def load_space(path: str | Path) -> Space:
     """Read and validate a whole space file; every problem is reported at once (file, key path, allowed values)."""
-    source = str(path)
-    raw = load_yaml(path)
+    return load_space_data(load_yaml(path), str(path))
+
+
+def load_space_data(raw: Any, source: str) -> Space:
+    """Validate a space given as plain data laid out as a file is (`study`, `run`, `learners`)."""
     if not isinstance(raw, dict):
         raise ConfigError([f"{source}: <top>: expected a mapping with keys study, run, learners"])
     problems: list[str] = []

@@ -11,7 +11,7 @@ import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
-from ackd_search.search.settings import StudySettings
+from ackd_search.searching.settings import StudySettings
 
 OBJECTIVE = "val_acc"  # the student's validation accuracy (%) after the trial's last epoch; maximised
 CONFIRMS = "confirms"  # user attribute of a confirmation run: what it confirms (a preset or a trial's config)

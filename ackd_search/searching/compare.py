@@ -12,9 +12,9 @@ from optuna.trial import TrialState
 from scipy import stats
 
 from ackd_search.config import RunConfig
-from ackd_search.search.confirm import source_config
-from ackd_search.search.record import CONFIRMS
-from ackd_search.search.space import Space
+from ackd_search.searching.confirm import source_config
+from ackd_search.searching.record import CONFIRMS
+from ackd_search.searching.space import Space
 
 CONFIDENCE = 0.95
 

@@ -16,7 +16,7 @@ from ackd_search.config import RunConfig
 from ackd_search.data import get_splits
 from ackd_search.errors import CheckpointError, one_line
 from ackd_search.models import count_flops, count_parameters, create_model
-from ackd_search.search.artifacts import (
+from ackd_search.searching.artifacts import (
     stored_config,
     trial_attrs,
     upload_best_weights,
@@ -24,11 +24,11 @@ from ackd_search.search.artifacts import (
     upload_curve,
     write_traceback,
 )
-from ackd_search.search.confirm import confirmation_config
-from ackd_search.search.hooks import QUIET, SearchHooks
-from ackd_search.search.record import CONFIRMS, StudyPaths, root_trial_number
-from ackd_search.search.space import Space
-from ackd_search.train import CHECKPOINT, NonFiniteLossError, RunResult, check_owner, load_checkpoint, run_training
+from ackd_search.searching.confirm import confirmation_config
+from ackd_search.searching.hooks import QUIET, SearchHooks
+from ackd_search.searching.record import CONFIRMS, StudyPaths, root_trial_number
+from ackd_search.searching.space import Space
+from ackd_search.training import CHECKPOINT, NonFiniteLossError, RunResult, check_owner, load_checkpoint, run_training
 
 
 def frozen(trial: optuna.Trial) -> FrozenTrial:

@@ -24,11 +24,11 @@ from ackd_search.config import RunConfig, save_run_config, to_dict
 from ackd_search.data import DataSplits, DeviceLoader
 from ackd_search.distill import build_distiller
 from ackd_search.files import save_atomic
-from ackd_search.models import StagedNet, count_flops, count_parameters, create_model
-from ackd_search.train.captured import CapturedStep, portable_state
-from ackd_search.train.checkpoints import CHECKPOINT, read_checkpoint, write_checkpoint
-from ackd_search.train.device import autocast_for, describe_device, resolve_device, seed_everything
-from ackd_search.train.sums import EpochSums
+from ackd_search.models import StagedNet, count_flops, count_parameters, initial_model
+from ackd_search.training.captured import CapturedStep, portable_state
+from ackd_search.training.checkpoints import CHECKPOINT, read_checkpoint, write_checkpoint
+from ackd_search.training.device import autocast_for, describe_device, resolve_device, seed_everything
+from ackd_search.training.sums import EpochSums
 
 Reporter = Callable[[int, dict[str, Any]], None]
 NONFINITE_CHECK_EVERY = 20  # batches between loss checks; each check is one host sync
@@ -85,7 +85,12 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: RunConfig):
 
 
 def build_student(cfg: RunConfig, splits: DataSplits) -> StagedNet:
-    return create_model(cfg.student, splits.num_classes, in_channels=splits.in_channels)
+    """The student, fresh or from its initial weights (`student_init` / `student_pretrained`), said in one line."""
+    student, note = initial_model(cfg.student, splits.num_classes, splits.in_channels, cfg.student_init,
+                                  cfg.student_pretrained)
+    if note:
+        print(f"ackd-search: {note}", file=sys.stderr, flush=True)
+    return student
 
 
 

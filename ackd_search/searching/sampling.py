@@ -28,7 +28,7 @@ import optuna
 from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
 
-from ackd_search.search.record import is_confirmation
+from ackd_search.searching.record import is_confirmation
 
 METHOD_PARAM = "distill.method"
 

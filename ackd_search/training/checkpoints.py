@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ from ackd_search import __version__
 from ackd_search.config import RunConfig, from_dict, to_dict, with_absolute_paths
 from ackd_search.errors import CheckpointError, ConfigError
 from ackd_search.files import save_atomic
+from ackd_search.models import load_failure
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -22,22 +22,6 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise CheckpointError(f"cannot read checkpoint {path}: {load_failure(err)}") from None
-
-
-_WEIGHTS_ONLY_ADVICE = ("Weights only load failed", "(1) In PyTorch", "(2) Alternatively", "Please file an issue",
-                        "Check the documentation")
-
-
-def load_failure(err: BaseException) -> str:
-    """One line of why torch.load failed. Its weights_only message opens with advice to load unsafely (even for
-    a file of random bytes) and carries terminal colour codes; the actual reason is on a later line."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
-    if not text.startswith(_WEIGHTS_ONLY_ADVICE[0]):
-        return next((line.strip() for line in text.splitlines() if line.strip()), type(err).__name__)[:200]
-    detail = text.split("WeightsUnpickler error:")[-1]
-    lines = [line.strip() for line in detail.splitlines() if line.strip()]
-    reason = next((line for line in lines if not line.startswith(_WEIGHTS_ONLY_ADVICE)), "not a plain state dict")
-    return f"refused by weights_only=True loading: {reason}"[:200]
 
 
 def write_checkpoint(path: Path, state: dict[str, Any], identity: dict[str, Any] | None, cfg: RunConfig) -> None:
@@ -58,7 +42,7 @@ def read_checkpoint(path: Path, identity: dict[str, Any] | None, cfg: RunConfig)
 def comparable(config: dict[str, Any]) -> dict[str, Any]:
     """A run config as a checkpoint must match it: defaults filled in (a field added since the checkpoint was
     written takes its default), paths resolved; `cuda_graphs` and `teacher.output_cache` left out (they change how
-    the step runs, not what it computes, so a run may resume with them switched)."""
+    the step runs, not what it computes, so a run may resume with them switched), and `data.cache_dir`."""
     try:
         config = to_dict(from_dict(RunConfig, config))
     except ConfigError:
@@ -66,6 +50,7 @@ def comparable(config: dict[str, Any]) -> dict[str, Any]:
     out = with_absolute_paths(config)
     out.pop("cuda_graphs", None)
     (out.get("teacher") or {}).pop("output_cache", None)
+    (out.get("data") or {}).pop("cache_dir", None)  # where decoded images are kept, not what they are
     return out
 
 

@@ -6,10 +6,22 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ackd_search.config import ConfigError
-from ackd_search.data import get_splits
-from ackd_search.search.space import Space
-from ackd_search.train import resolve_device
-from ackd_search.train.teachers import ProgressFactory, cache_entry, get_teacher, read_manifest
+from ackd_search.data import DataSplits, get_splits
+from ackd_search.searching.space import Space
+from ackd_search.training import resolve_device
+from ackd_search.training.teachers import ProgressFactory, cache_entry, get_teacher, read_manifest
+
+
+def describe_data(splits: DataSplits) -> str:
+    """`data digits: 10 classes, 1,293 / 144 / 360 images (train / val / test), 8x8, 1 channel`, with the class
+    names when the source has them."""
+    names = ""
+    if splits.classes:
+        shown = ", ".join(splits.classes[:8]) + (f", ... ({len(splits.classes)})" if len(splits.classes) > 8 else "")
+        names = f" ({shown})"
+    channels = "1 channel" if splits.in_channels == 1 else f"{splits.in_channels} channels"
+    return (f"data {splits.name}: {splits.num_classes} classes{names}, {len(splits.train):,} / {len(splits.val):,} / "
+            f"{len(splits.test):,} images (train / val / test), {splits.image_size}x{splits.image_size}, {channels}")
 
 
 def preflight(space: Space, log: Callable[[str], None] = print, progress: ProgressFactory | None = None) -> None:
@@ -20,6 +32,7 @@ def preflight(space: Space, log: Callable[[str], None] = print, progress: Progre
     except ValueError as err:
         raise ConfigError([f"{space.source}: run.device: {err}"]) from None
     splits = get_splits(cfg.data)
+    log(describe_data(splits))
     if space.methods() == ["student"]:
         return
     if not cfg.teacher.checkpoint and read_manifest(cache_entry(cfg)) is None:

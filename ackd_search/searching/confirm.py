@@ -18,9 +18,9 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from ackd_search.config import RunConfig, from_dict, set_path, to_dict
-from ackd_search.search.record import CONFIRMS, is_interrupted, search_trials
-from ackd_search.search.space import PRESET_DISTILL, Space
+from ackd_search.config import RunConfig, from_dict, get_path, set_path, to_dict
+from ackd_search.searching.record import CONFIRMS, is_interrupted, search_trials
+from ackd_search.searching.space import PRESET_DISTILL, Space
 
 PRESETS = ("student", "kd", "dkd", "reference")
 # Fields that do not make two configurations different: where a run writes, its seed and its length.
@@ -28,7 +28,8 @@ _NOT_IDENTITY = ("output_dir", "seed", "eval_test")
 # Fields added since ackd-search 0.1.0: left out of a configuration's key while they hold their defaults, so the
 # confirmation runs of an earlier study keep matching the configurations they retrain.
 _ADDED_SINCE_0_1 = ("distill.form", "distill.standardize", "distill.dkd", "data.image_size", "data.channels",
-                    "data.mean", "data.std", "data.num_classes", "data.augment", "data.cache_dir")
+                    "data.mean", "data.std", "data.num_classes", "data.augment", "data.cache_dir", "student_init",
+                    "student_pretrained", "teacher.pretrained", "teacher.finetune")
 _DEFAULTS = to_dict(RunConfig())
 
 
@@ -96,8 +97,9 @@ def config_key(cfg: RunConfig) -> str:
         data["distill"]["dkd"] = _DEFAULTS["distill"]["dkd"]  # DKD's knobs do not act on another form
     for dotted in _ADDED_SINCE_0_1:
         parent, _, leaf = dotted.rpartition(".")
-        if leaf in data[parent] and data[parent][leaf] == _DEFAULTS[parent].get(leaf):
-            data[parent].pop(leaf)
+        owner, defaults = (get_path(data, parent), get_path(_DEFAULTS, parent)) if parent else (data, _DEFAULTS)
+        if leaf in owner and owner[leaf] == defaults.get(leaf):
+            owner.pop(leaf)
     text = json.dumps(data, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 

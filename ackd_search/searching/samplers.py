@@ -8,8 +8,8 @@ from typing import Any, Protocol
 
 import optuna
 
-from ackd_search.search.sampling import FairMethodSampler, MethodAwarePruner
-from ackd_search.search.settings import StudySettings
+from ackd_search.searching.sampling import FairMethodSampler, MethodAwarePruner
+from ackd_search.searching.settings import StudySettings
 
 SAMPLERS: dict[str, Any] = {
     "tpe": optuna.samplers.TPESampler,

@@ -17,7 +17,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages._rdb import models
 
 from ackd_search.errors import StudyError
-from ackd_search.search.space import Space
+from ackd_search.searching.space import Space
 
 CREATE_ATTEMPTS = 8  # simultaneous starters on a new database race to create its schema; the losers retry
 

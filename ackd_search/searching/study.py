@@ -13,13 +13,13 @@ from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
 from ackd_search.errors import StudyError
-from ackd_search.search.confirm import enqueue_confirmation, waiting_confirmations
-from ackd_search.search.hooks import QUIET, SearchHooks
-from ackd_search.search.objective import trial_objective
-from ackd_search.search.record import OBJECTIVE, REQUEUE_KEEPS, StudyPaths, is_interrupted, root_trial_number
-from ackd_search.search.samplers import make_pruner, make_sampler
-from ackd_search.search.space import Space
-from ackd_search.search.storage import existing_study, make_storage, safe_url, sqlite_path
+from ackd_search.searching.confirm import enqueue_confirmation, waiting_confirmations
+from ackd_search.searching.hooks import QUIET, SearchHooks
+from ackd_search.searching.objective import trial_objective
+from ackd_search.searching.record import OBJECTIVE, REQUEUE_KEEPS, StudyPaths, is_interrupted, root_trial_number
+from ackd_search.searching.samplers import make_pruner, make_sampler
+from ackd_search.searching.space import Space
+from ackd_search.searching.storage import existing_study, make_storage, safe_url, sqlite_path
 
 
 def open_study(space: Space, storage: RDBStorage, seed_offset: int = 0,

@@ -12,9 +12,9 @@ from typing import Any
 
 from ackd_search.config import ConfigError, RunConfig, check_value, field_info, from_dict, set_path, strip_optional
 from ackd_search.models import create_model, model_name_problem, staging_problem
-from ackd_search.search.params import CHOICE_KEYS, FORBIDDEN_IN_SPACE, RANGE_KEYS, Param
-from ackd_search.search.samplers import PRUNER_DEFAULTS, PRUNERS, SAMPLER_DEFAULTS, SAMPLERS
-from ackd_search.search.settings import LearnerSpace, StudySettings
+from ackd_search.searching.params import CHOICE_KEYS, FORBIDDEN_IN_SPACE, RANGE_KEYS, Param
+from ackd_search.searching.samplers import PRUNER_DEFAULTS, PRUNERS, SAMPLER_DEFAULTS, SAMPLERS
+from ackd_search.searching.settings import LearnerSpace, StudySettings
 
 
 def check_study(study: StudySettings, source: str, problems: list[str]) -> None:

@@ -10,10 +10,10 @@ from torch import nn
 from ackd_search.config import RunConfig
 from ackd_search.data import DataSplits, get_splits
 from ackd_search.distill import Distiller
-from ackd_search.train.device import resolve_device
-from ackd_search.train.loop import Reporter, Run, RunResult, train
-from ackd_search.train.output_cache import teacher_outputs_for
-from ackd_search.train.teachers import ProgressFactory, get_teacher
+from ackd_search.training.device import resolve_device
+from ackd_search.training.loop import Reporter, Run, RunResult, train
+from ackd_search.training.output_cache import teacher_outputs_for
+from ackd_search.training.teachers import ProgressFactory, get_teacher
 
 
 def load_teacher(cfg: RunConfig, splits: DataSplits, progress: ProgressFactory | None = None,

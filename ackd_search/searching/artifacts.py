@@ -14,8 +14,8 @@ from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.trial import FrozenTrial, TrialState
 
 from ackd_search.config import RunConfig, to_dict
-from ackd_search.search.record import CONFIG_ARTIFACT_ATTR, StudyPaths
-from ackd_search.train import RunResult
+from ackd_search.searching.record import CONFIG_ARTIFACT_ATTR, StudyPaths
+from ackd_search.training import RunResult
 
 CONFIG_ATTR = "config"  # user attr of studies made before the config moved into an artifact
 

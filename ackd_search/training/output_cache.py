@@ -34,9 +34,9 @@ from torch import nn
 
 from ackd_search.config import RunConfig
 from ackd_search.data import Augment, DataSplits, DeviceLoader
-from ackd_search.files import locked, sha256_file, write_text_atomic
-from ackd_search.train.device import autocast_for
-from ackd_search.train.teachers import cache_entry
+from ackd_search.files import locked, matches_sha256, sha256_file, write_text_atomic
+from ackd_search.training.device import autocast_for
+from ackd_search.training.teachers import cache_entry
 
 MEMORY_BUDGET_BYTES = 2 << 30  # auto: the cache (all arrays as stored) must fit this; also host RAM vs memmap
 GPU_FRACTION = 0.25  # on CUDA the arrays go to the GPU when they also fit this share of its free memory
@@ -112,8 +112,8 @@ class TeacherOutputs:
 
 def _fingerprint(splits: DataSplits) -> str:
     digest = hashlib.sha256()
-    digest.update(splits.train.x.contiguous().numpy().tobytes())
-    digest.update(splits.train.y.contiguous().numpy().tobytes())
+    digest.update(splits.train.x.contiguous().numpy())  # the buffer itself: no copy of a large split
+    digest.update(splits.train.y.contiguous().numpy())
     return digest.hexdigest()
 
 
@@ -131,10 +131,7 @@ def cache_key(cfg: RunConfig, splits: DataSplits, teacher_info: dict[str, Any], 
 
 
 def cache_dir(cfg: RunConfig, teacher_info: dict[str, Any], key: dict[str, Any]) -> Path:
-    if cfg.teacher.checkpoint:
-        base = Path(cfg.teacher.cache_dir) / f"checkpoint-{str(teacher_info.get('sha256'))[:16]}"
-    else:
-        base = Path(teacher_info.get("cache_entry") or cache_entry(cfg))
+    base = Path(teacher_info.get("cache_entry") or teacher_info.get("given_dir") or cache_entry(cfg))
     name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     return base / "outputs" / name
 
@@ -144,18 +141,6 @@ def _lock_path(cfg: RunConfig, directory: Path) -> Path:
     return directory.parent.parent.with_suffix(".lock")
 
 
-_VERIFIED: set[tuple[str, int, int]] = set()  # (file, size, mtime_ns) whose sha256 this process already checked
-
-
-def _verified(path: Path, expected: str | None) -> bool:
-    stat = path.stat()
-    mark = (str(path), stat.st_size, stat.st_mtime_ns)
-    if mark in _VERIFIED:
-        return True
-    if expected != sha256_file(path):
-        return False
-    _VERIFIED.add(mark)
-    return True
 
 
 def read_manifest(directory: Path, key: dict[str, Any], names: list[str]) -> dict[str, Any] | None:
@@ -173,7 +158,7 @@ def read_manifest(directory: Path, key: dict[str, Any], names: list[str]) -> dic
     for name in names:
         meta = arrays.get(name)
         file = directory / f"{name}.npy"
-        if meta is None or not file.is_file() or not _verified(file, meta.get("sha256")):
+        if meta is None or not file.is_file() or not matches_sha256(file, meta.get("sha256")):
             return None
     return manifest
 

@@ -1,10 +1,12 @@
-"""Teachers: trained once per (architecture, data set, recipe, seed) and cached under `teacher.cache_dir` with a
-manifest, or the user's own checkpoint. Weights load with `weights_only=True`; a partly written file is never used."""
+"""Teachers: trained once per (architecture, data set, recipe, seed), or fine-tuned once from the user's checkpoint or
+pretrained weights, and cached under `teacher.cache_dir` with a manifest; or the user's weights used as they are
+(`given_teacher.py`). Weights load with `weights_only=True`; a partly written file is never used."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import sys
 import time
@@ -17,13 +19,12 @@ import torch
 from torch import nn
 
 from ackd_search.config import DistillConfig, RunConfig, to_dict
-from ackd_search.data import DataSplits, DeviceLoader
-from ackd_search.errors import CheckpointError
+from ackd_search.data import DataSplits, data_key
+from ackd_search.errors import CheckpointError, WeightsError
 from ackd_search.files import locked, save_atomic, sha256_file, write_text_atomic
-from ackd_search.models import create_model
-from ackd_search.train.checkpoints import load_checkpoint
-from ackd_search.train.device import autocast_for
-from ackd_search.train.loop import Reporter, evaluate, train
+from ackd_search.models import create_model, load_original_state_dict, read_state_dict
+from ackd_search.training.given_teacher import given_teacher
+from ackd_search.training.loop import Reporter, train
 
 # Progress of the teacher's training, handed in by the caller: (description, epochs) -> a per-epoch reporter.
 ProgressFactory = Callable[[str, int], Reporter]
@@ -32,22 +33,26 @@ WEIGHTS, MANIFEST = "model.pt", "manifest.json"
 
 
 def teacher_recipe(cfg: RunConfig) -> dict[str, Any]:
-    """Everything that determines the teacher's weights; its hash names the cache entry."""
-    data = to_dict(cfg.data)
-    return {
-        "arch": cfg.teacher.arch,
-        "data": {k: data[k] for k in ("name", "val_fraction", "split_seed", "limit")},
-        "optim": to_dict(cfg.teacher.optim),
-        "seed": cfg.teacher.seed,
-    }
+    """Everything that determines the teacher's weights; its hash names the cache entry. Keys for a starting point
+    (a checkpoint, pretrained weights, a user's builder file) are there only when one is given, so an entry of a
+    teacher trained from scratch keeps its name across versions."""
+    t = cfg.teacher
+    recipe: dict[str, Any] = {"arch": t.arch, "data": data_key(cfg.data), "optim": to_dict(t.finetune or t.optim),
+                              "seed": t.seed}
+    if t.checkpoint:
+        recipe["init"] = {"checkpoint_sha256": sha256_file(Path(t.checkpoint))}
+    elif t.pretrained:
+        recipe["init"] = {"pretrained": t.arch}
+    if t.arch.startswith("py:"):
+        recipe["builder_sha256"] = sha256_file(Path(t.arch[3:].rpartition(":")[0]))
+    return recipe
 
 
 def cache_entry(cfg: RunConfig) -> Path:
     recipe = teacher_recipe(cfg)
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
-    return Path(cfg.teacher.cache_dir) / f"{cfg.teacher.arch}-{cfg.data.name}-{key}"
-
-
+    label = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{cfg.teacher.arch}-{cfg.data.name}")  # timm:, py:a/b.py:f -> a name
+    return Path(cfg.teacher.cache_dir) / f"{label}-{key}"
 
 
 def read_manifest(entry: Path) -> dict[str, Any] | None:
@@ -66,18 +71,24 @@ def read_manifest(entry: Path) -> dict[str, Any] | None:
 
 def _train_teacher(cfg: RunConfig, splits: DataSplits, entry: Path,
                    progress: ProgressFactory | None = None) -> dict[str, Any]:
+    """Train the teacher from scratch, or fine-tune its checkpoint / pretrained weights (`teacher.finetune`), into
+    the cache entry; the manifest is written last."""
     run_dir = entry / "run"
+    t = cfg.teacher
     teacher_cfg = replace(
         cfg,
-        seed=cfg.teacher.seed,
-        student=cfg.teacher.arch,
-        optim=cfg.teacher.optim,
+        seed=t.seed,
+        student=t.arch,
+        student_init=t.checkpoint if t.finetune else None,
+        student_pretrained=t.pretrained and t.finetune is not None,
+        optim=t.finetune or t.optim,
         distill=DistillConfig(method="student"),
         compile=False,
         eval_test=False,
         output_dir=str(run_dir),
     )
-    reporter = progress(f"teacher {cfg.teacher.arch}", teacher_cfg.optim.epochs) if progress else None
+    what = "fine-tuning the teacher" if t.finetune else "teacher"
+    reporter = progress(f"{what} {t.arch}", teacher_cfg.optim.epochs) if progress else None
     result = train(teacher_cfg, reporter, splits=splits, teacher=None, teacher_info=None)
     save_atomic(result.student_state, entry / WEIGHTS)
     manifest = {
@@ -98,38 +109,22 @@ def _train_teacher(cfg: RunConfig, splits: DataSplits, entry: Path,
     return manifest
 
 
-def _build(cfg: RunConfig, splits: DataSplits, state: dict[str, torch.Tensor], source: str) -> nn.Module:
+def cached_model(cfg: RunConfig, splits: DataSplits, weights: Path) -> nn.Module:
+    """The cached teacher's architecture with its weights (stored in our staged names)."""
     model = create_model(cfg.teacher.arch, splits.num_classes, in_channels=splits.in_channels)
-    if not isinstance(state, dict):  # e.g. a bare tensor: load_state_dict would raise a TypeError
-        raise CheckpointError(f"{source} holds a {type(state).__name__}, not a state dict of {cfg.teacher.arch!r}")
     try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        first = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
-        raise CheckpointError(f"{source} does not fit teacher.arch {cfg.teacher.arch!r}: {first[:200]}") from None
+        load_original_state_dict(model, read_state_dict(weights), str(weights))
+    except WeightsError as err:
+        raise CheckpointError(f"teacher cache {weights}: {err}") from None
     return model
-
-
-def _user_teacher(cfg: RunConfig, splits: DataSplits, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
-    path = Path(cfg.teacher.checkpoint)
-    if not path.is_file():
-        raise CheckpointError(f"teacher.checkpoint: file not found: {path}")
-    state = load_checkpoint(path)
-    for key in ("state_dict", "model"):  # common wrappers around a state dict
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    model = _build(cfg, splits, state, f"teacher.checkpoint {path}").to(device).eval()
-    loader = DeviceLoader(splits.val, 256, device, splits.mean, splits.std)
-    val_acc, _ = evaluate(model, loader, autocast_for(cfg, device))
-    return model, {"arch": cfg.teacher.arch, "checkpoint": str(path), "val_acc": val_acc, "sha256": sha256_file(path)}
 
 
 def get_teacher(cfg: RunConfig, splits: DataSplits, device: torch.device,
                 progress: ProgressFactory | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """The frozen teacher for `cfg`, in eval mode on `device`, and its manifest (accuracy, recipe, hash); a teacher
     trained now reports its epochs to `progress(description, epochs)` when given."""
-    if cfg.teacher.checkpoint:
-        return _user_teacher(cfg, splits, device)
+    if cfg.teacher.finetune is None and (cfg.teacher.checkpoint or cfg.teacher.pretrained):
+        return given_teacher(cfg, splits, device)
     entry = cache_entry(cfg)
     manifest = read_manifest(entry)
     if manifest is None:
@@ -141,6 +136,5 @@ def get_teacher(cfg: RunConfig, splits: DataSplits, device: torch.device,
                           "weights that do not match their sha256): training the teacher again", file=sys.stderr,
                           flush=True)
                 manifest = _train_teacher(cfg, splits, entry, progress)
-    state = load_checkpoint(entry / WEIGHTS)
-    model = _build(cfg, splits, state, str(entry / WEIGHTS)).to(device).eval()
+    model = cached_model(cfg, splits, entry / WEIGHTS).to(device).eval()
     return model, {**manifest, "cache_entry": str(entry)}

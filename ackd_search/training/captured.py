@@ -10,8 +10,8 @@ import torch
 
 from ackd_search.config import RunConfig
 from ackd_search.errors import one_line
-from ackd_search.train.device import autocast_for
-from ackd_search.train.sums import EpochSums
+from ackd_search.training.device import autocast_for
+from ackd_search.training.sums import EpochSums
 
 
 class StepHost(Protocol):

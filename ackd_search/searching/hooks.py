@@ -9,8 +9,8 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial
 
-from ackd_search.search.record import StudyPaths
-from ackd_search.train import Reporter
+from ackd_search.searching.record import StudyPaths
+from ackd_search.training import Reporter
 
 
 class SearchHooks:
