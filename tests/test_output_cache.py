@@ -1,7 +1,9 @@
 """Tests for the teacher-output cache (ackd_search/output_cache.py) and the loader's view indexing, on CPU.
 
-Pinned: every one of CIFAR's 162 views is reachable and a view's image is the loader's own augmented image; the cache
-equals the live teacher; a KD step reads the same teacher logits from it; a short KD run's curve matches the live
+Pinned: every one of CIFAR's 162 views is reachable and a view's image is the loader's own augmented image, and an
+epoch's views are known at its start; the cache equals the live teacher; a KD step reads the same teacher logits
+from it; every placement gives the same rows; a process maps the cache once and its trials share the map and the
+device copy; a run that needs the pooled features adds that array alone; a short KD run's curve matches the live
 run's; the cache is computed once for two runs and for two worker processes; a changed or unenumerable augmentation
 is never served from it; `auto` follows its rule."""
 
@@ -14,16 +16,25 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from test_data import write_fake_cifar10
 
-from ackd_search.config import DataConfig, OptimConfig, RunConfig, TeacherConfig, kd_distill
+from ackd_search.config import (
+    AckdConfig,
+    DataConfig,
+    DistillConfig,
+    OptimConfig,
+    RunConfig,
+    TeacherConfig,
+    kd_distill,
+)
 from ackd_search.data import Augment, DataSplits, DeviceLoader, load_splits
 from ackd_search.data.sources import get_splits
 from ackd_search.distill import KD
 from ackd_search.models import create_model
-from ackd_search.training import output_cache
+from ackd_search.training import output_cache, teacher_outputs
 from ackd_search.training.output_cache import teacher_outputs_for
 from ackd_search.training.runner import load_teacher, run_training
 
@@ -54,9 +65,9 @@ def cifar_config(cache: Path, teacher_file: Path, setting: str = "on") -> RunCon
                      distill=kd_distill(), device="cpu")
 
 
-def cached(cfg: RunConfig, splits: DataSplits):
+def cached(cfg: RunConfig, splits: DataSplits, placement: str = "auto"):
     teacher, info = load_teacher(cfg, splits)
-    outputs, status = teacher_outputs_for(cfg, splits, teacher, info, CPU)
+    outputs, status = teacher_outputs_for(cfg, splits, teacher, info, CPU, placement)
     return teacher, outputs, status
 
 
@@ -91,13 +102,21 @@ def test_loader_views_are_its_own_images_and_all_reachable(cifar: DataSplits) ->
     assert seen == set(range(162))
 
 
+def test_an_epochs_views_are_known_at_its_start(cifar: DataSplits) -> None:
+    loader = DeviceLoader(cifar.train, 16, CPU, cifar.mean, cifar.std, augment=cifar.augment, shuffle=True, seed=3)
+    for epoch in range(3):
+        loader.set_epoch(epoch)
+        batches = [views for _, _, views in loader.iter_views()]
+        assert torch.equal(loader.epoch_views(), torch.cat(batches))
+
+
 # --- the cache ---------------------------------------------------------------------------------------------------
 
 
 def test_cache_equals_the_live_teacher(cifar: DataSplits, teacher_file: Path, tmp_path: Path) -> None:
     cfg = cifar_config(tmp_path, teacher_file)
     teacher, outputs, status = cached(cfg, cifar)
-    assert status == "used" and outputs.num_views == 162 and outputs.on_device
+    assert status == "used" and outputs.num_views == 162 and outputs.placement == "mapped"  # a CPU run
     loader = DeviceLoader(cifar.train, 1, CPU, cifar.mean, cifar.std, augment=cifar.augment)
     views = torch.randperm(len(cifar.train) * 162, generator=torch.Generator().manual_seed(0))[:500]
     with torch.no_grad():
@@ -159,6 +178,94 @@ def test_auto_rule_on_the_cpu(cifar: DataSplits, teacher_file: Path, tmp_path: P
     assert outputs is None and status.startswith("off: on the CPU, 5,832 views cost more")
     long = dataclasses.replace(cfg, optim=OptimConfig(epochs=200))  # 7,200 forwards >= 5,832 views
     assert cached(long, cifar)[2] == "used"
+
+
+def test_auto_budget_is_a_share_of_the_hosts_memory(cifar: DataSplits, teacher_file: Path, tmp_path: Path,
+                                                    monkeypatch) -> None:
+    long = dataclasses.replace(cifar_config(tmp_path, teacher_file, setting="auto"), optim=OptimConfig(epochs=200))
+    monkeypatch.setattr(output_cache, "host_memory_bytes", lambda: 100_000)  # the 5,832 x 10 fp32 rows: 233 kB
+    _, outputs, status = cached(long, cifar)
+    assert outputs is None and "exceed the auto budget" in status and "50% of this machine's memory" in status
+    monkeypatch.undo()
+    assert cached(long, cifar)[2] == "used"
+
+
+def test_where_the_rows_live_on_cuda_follows_the_gpus_free_memory(monkeypatch) -> None:
+    """The whole arrays go to the GPU when they take at most GPU_FRACTION of its free memory, else the epoch's rows
+    are gathered per epoch; on a 139 GB H200 (130 GB free) CIFAR-100's logits and resnet32x4's pooled features
+    (1.46 + 3.73 GB in fp16) go to the device, where the old fixed 2 GiB cap kept them on the host."""
+    class Arrays:
+        nbytes = 5_190_000_000
+
+    class Fake:
+        device = torch.device("cuda")
+        files: dict = {}
+        arrays = {"logits": Arrays()}
+
+    for free, placement in ((130e9, "device"), (15e9, "epoch")):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, free=free: (int(free), int(139e9)))
+        assert teacher_outputs.TeacherOutputs._choose(Fake(), "auto") == placement
+    assert teacher_outputs.TeacherOutputs._choose(Fake(), "epoch") == "epoch"
+
+
+def test_every_placement_gives_the_same_rows(cifar: DataSplits, teacher_file: Path, tmp_path: Path) -> None:
+    """Whole arrays on the device, the epoch's rows gathered at its start, the memory map read directly: the same
+    values for every batch; the epoch buffer is the same memory every epoch (a captured graph indexes it)."""
+    cfg = cifar_config(tmp_path, teacher_file)
+    placed = {p: cached(cfg, cifar, p)[1] for p in ("mapped", "device", "epoch")}
+    assert {p: o.in_graph for p, o in placed.items()} == {"mapped": False, "device": True, "epoch": True}
+    buffer = placed["epoch"].tensors["logits"].data_ptr()
+    loader = DeviceLoader(cifar.train, 16, CPU, cifar.mean, cifar.std, augment=cifar.augment, shuffle=True, seed=5)
+    for epoch in range(3):
+        loader.set_epoch(epoch)
+        for outputs in placed.values():
+            outputs.begin_epoch(loader)
+        for step, (_, _, views) in enumerate(loader.iter_views()):
+            got = {p: o.gather(o.rows(views, step * 16))[0] for p, o in placed.items()}
+            assert torch.equal(got["device"], got["mapped"]) and torch.equal(got["epoch"], got["mapped"])
+    assert placed["epoch"].tensors["logits"].data_ptr() == buffer
+
+
+def test_trials_of_a_process_share_the_map_and_the_device_copy(cifar: DataSplits, teacher_file: Path,
+                                                               tmp_path: Path, monkeypatch) -> None:
+    teacher_outputs.forget_shared()
+    copies = []
+    to_device = teacher_outputs._to_device
+    monkeypatch.setattr(teacher_outputs, "_to_device", lambda a, d: copies.append(a.shape) or to_device(a, d))
+    cfg = cifar_config(tmp_path, teacher_file)
+    first, second = cached(cfg, cifar, "device")[1], cached(cfg, cifar, "device")[1]
+    assert first is not second and first.arrays["logits"] is second.arrays["logits"]  # one map per process
+    assert isinstance(first.arrays["logits"], np.memmap)
+    assert first.tensors["logits"] is second.tensors["logits"] and len(copies) == 1  # one device copy
+
+
+def test_a_run_needing_pooled_features_computes_them_alone(cifar: DataSplits, teacher_file: Path, tmp_path: Path,
+                                                           monkeypatch) -> None:
+    """KD's entry holds the logits; ACKD with the adversary on the teacher's features needs the pooled features
+    too: that array alone is computed (under the lock) and added to the manifest, the logits file left as it is."""
+    computed = []
+    compute = output_cache.compute
+    monkeypatch.setattr(output_cache, "compute", lambda t, loader, names, *a: computed.append(list(names))
+                        or compute(t, loader, names, *a))
+    kd = cifar_config(tmp_path, teacher_file)
+    teacher, kd_outputs, _ = cached(kd, cifar)
+    logits_file = kd_outputs.directory / "logits.npy"
+    before = logits_file.stat()
+    ackd = dataclasses.replace(kd, distill=DistillConfig(method="ackd", ackd=AckdConfig(adv_input="features")))
+    _, outputs, status = cached(ackd, cifar)
+    assert status == "used" and computed == [["logits"], ["pooled"]] and outputs.directory == kd_outputs.directory
+    after = logits_file.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    manifest = json.loads((outputs.directory / "manifest.json").read_text())
+    assert sorted(manifest["arrays"]) == ["logits", "pooled"]
+    loader = DeviceLoader(cifar.train, 1, CPU, cifar.mean, cifar.std, augment=cifar.augment)
+    views = torch.randperm(len(cifar.train) * 162, generator=torch.Generator().manual_seed(1))[:300]
+    with torch.no_grad():
+        live_pooled = teacher.head.pooled(teacher.forward_features(loader.view_images(views)))
+    logits, pooled = outputs.gather(views)
+    torch.testing.assert_close(pooled, live_pooled, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits, kd_outputs.gather(views)[0], rtol=0, atol=0)
+    assert cached(ackd, cifar)[2] == "used" and len(computed) == 2  # complete now: nothing more to compute
 
 
 # --- runs: the curve, reuse across runs and processes ---------------------------------------------------------

@@ -8,7 +8,6 @@ from ackd_search.backends.packing import (
     TRIALS_PER_GPU_WITH_MPS,
     TRIALS_PER_GPU_WITHOUT_MPS,
     WorkerSlot,
-    mps_running,
     plan_workers,
     visible_gpus,
 )
@@ -56,7 +55,3 @@ def test_visible_gpus_follow_cuda_visible_devices() -> None:
     assert visible_gpus({"CUDA_VISIBLE_DEVICES": "5,7"}, device_count=0) == []  # listed but not usable
 
 
-def test_mps_is_detected_from_its_control_pipe(tmp_path) -> None:
-    assert not mps_running({"CUDA_MPS_PIPE_DIRECTORY": str(tmp_path)})
-    (tmp_path / "control").touch()
-    assert mps_running({"CUDA_MPS_PIPE_DIRECTORY": str(tmp_path)})

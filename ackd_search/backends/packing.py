@@ -5,8 +5,10 @@ single-thread worker per core. `plan_workers` is pure (counts in, slots out); `d
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 # Trials per GPU, from the measurements in issue #10 on one NVIDIA H200 (torch 2.11; NOT re-measured in this
 # repository, whose machine has no GPU; `benchmarks/bench_pack.py` measures it). With the CUDA MPS daemon running,
@@ -16,7 +18,9 @@ from pathlib import Path
 # trial's evaluation and checkpoint without much contention.
 TRIALS_PER_GPU_WITH_MPS = 4
 TRIALS_PER_GPU_WITHOUT_MPS = 2
-MPS_PIPE_DIRECTORY = "/tmp/nvidia-mps"  # nvidia-cuda-mps-control's default; CUDA_MPS_PIPE_DIRECTORY overrides it
+MPS_CONTROL = "nvidia-cuda-mps-control"
+MPS_SETTING = "ACKD_SEARCH_MPS"  # on | off: what the user says wins over asking the daemon (allowed: on, off, auto)
+MPS_ASK_TIMEOUT_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -69,10 +73,28 @@ def visible_gpus(environ: dict[str, str] | None = None, device_count: int | None
     return ids[:device_count]
 
 
-def mps_running(environ: dict[str, str] | None = None) -> bool:
-    """Whether a CUDA MPS control daemon is listening (its control pipe exists)."""
+def mps_running(environ: Mapping[str, str] | None = None, timeout_s: float = MPS_ASK_TIMEOUT_S) -> bool:
+    """Whether a CUDA MPS control daemon answers: `ACKD_SEARCH_MPS=on|off` when set, else `get_server_list` asked
+    of `nvidia-cuda-mps-control` (found on PATH; it reads CUDA_MPS_PIPE_DIRECTORY itself, so a custom pipe folder
+    is seen), which exits 0 only when a daemon is listening. A pipe file alone proves nothing: a daemon killed
+    without `quit` leaves it behind. No command, no answer within `timeout_s`, or a failure to run it: no MPS (a
+    daemon this process cannot reach, e.g. on the host of a container, is named with ACKD_SEARCH_MPS=on)."""
     environ = os.environ if environ is None else environ
-    return (Path(environ.get("CUDA_MPS_PIPE_DIRECTORY", MPS_PIPE_DIRECTORY)) / "control").exists()
+    setting = environ.get(MPS_SETTING, "auto").strip().lower() or "auto"
+    if setting not in ("on", "off", "auto"):
+        raise ValueError(f"{MPS_SETTING}={environ[MPS_SETTING]!r}; allowed: on, off, auto")
+    if setting != "auto":
+        return setting == "on"
+    command = shutil.which(MPS_CONTROL, path=environ.get("PATH", os.defpath))
+    if command is None:
+        return False
+    try:
+        answer = subprocess.run([command], input="get_server_list\n", capture_output=True, text=True,
+                                timeout=timeout_s, env=dict(environ), check=False)
+    except (OSError, subprocess.SubprocessError):  # includes the timeout: a daemon that does not answer
+        return False
+    # Without a daemon the command says "Cannot find MPS control daemon process" (and exits non-zero).
+    return answer.returncode == 0 and "cannot find" not in (answer.stdout + answer.stderr).lower()
 
 
 def detect(trials_per_gpu: int | None = None) -> list[WorkerSlot]:

@@ -82,8 +82,9 @@ class TeacherConfig:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(epochs=30))
     # The teacher's logits for every augmented view of every training image, computed once per (teacher, data,
     # augmentation) beside the cached teacher and read by every trial instead of running the teacher
-    # (ackd_search/output_cache.py). auto: on when the cache fits the memory budget (2 GiB) and, on a CPU, costs no
-    # more teacher forwards than the run itself would; on: always (unless the augmentation cannot be enumerated).
+    # (ackd_search/training/output_cache.py). auto: on when its arrays fit half of this machine's memory
+    # (output_cache.HOST_MEMORY_FRACTION) and, on a CPU, costs no more teacher forwards than the run itself would;
+    # on: always (unless the augmentation cannot be enumerated).
     output_cache: Literal["auto", "on", "off"] = "auto"
 
 

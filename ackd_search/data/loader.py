@@ -63,8 +63,9 @@ class DeviceLoader:
     with non_blocking=True, then augmented on the device exactly as a resident batch is, so both give equal batches.
 
     `iter_views()` yields the same batches with their VIEW IDS: image index * num_views + the view number of the
-    crop and flip the image got (see `Augment`), so a cache of per-view outputs can be read for the batch; a
-    `ResizedCropFlip` has no enumerable views (num_views 1, and `iter_views` / `view_images` refuse)."""
+    crop and flip the image got (see `Augment`), so a cache of per-view outputs can be read for the batch;
+    `epoch_views()` gives them all at once, in the epoch's order; a `ResizedCropFlip` has no enumerable views
+    (num_views 1, and `iter_views` / `epoch_views` / `view_images` refuse)."""
 
     def __init__(self, split: TensorSplit, batch_size: int, device: torch.device | str,
                  mean: Sequence[float], std: Sequence[float], augment: Augment | ResizedCropFlip | None = None,
@@ -104,7 +105,7 @@ class DeviceLoader:
             return self.num_samples // self.batch_size
         return math.ceil(self.num_samples / self.batch_size)
 
-    def _draws(self) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    def _host_draws(self) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         # A fresh CPU generator per epoch: identical draws on any device and regardless of what ran before,
         # which is what makes a resumed run bit-exact. The order of draws is today's for `Augment`.
         gen = torch.Generator().manual_seed(self.seed * EPOCH_STRIDE + self.epoch)
@@ -114,12 +115,16 @@ class DeviceLoader:
             return order, ()
         if isinstance(self.augment, ResizedCropFlip):
             h, w = self.x.shape[-2:]
-            return order, (self.augment.draw(n, h, w, gen).to(self.device),)
+            return order, (self.augment.draw(n, h, w, gen),)
         offsets = torch.randint(0, 2 * self.augment.pad + 1, (n, 2), generator=gen)
         flips = torch.rand(n, generator=gen) < 0.5
         if not self.augment.flip:
             flips.zero_()
-        return order, (offsets.to(self.device), flips.to(self.device))
+        return order, (offsets, flips)
+
+    def _draws(self) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        order, draws = self._host_draws()
+        return order, tuple(d.to(self.device) for d in draws)
 
     def _augmented(self, x: torch.Tensor, draws: tuple[torch.Tensor, ...], sl: slice) -> torch.Tensor:
         if self.augment is None:
@@ -186,6 +191,17 @@ class DeviceLoader:
         """The batches of `iter(self)` (same draws, same order) with each image's view id (int64, on the device)."""
         self._check_views()
         return self._batches(with_views=True)  # type: ignore[return-value]
+
+    def epoch_views(self) -> torch.Tensor:
+        """The view id of every image of this epoch in the epoch's order (int64, on the CPU): `iter_views`'s views
+        of all batches, concatenated, known at the epoch's start, so a cache's rows can be gathered once per epoch
+        (the batch at position p of the epoch reads row p of that gather)."""
+        self._check_views()
+        order, draws = self._host_draws()
+        views = order * self.num_views
+        if self.augment is not None:
+            views = views + self.augment.view_index(*draws)
+        return views
 
     def view_images(self, views: torch.Tensor) -> torch.Tensor:
         """The normalized augmented images of view ids `views` (any order): what a batch holding them yields."""

@@ -1,17 +1,22 @@
 """The training step as a CUDA graph: warm-up on a side stream, one capture per step shape, a replay per full batch,
-with the learning rate, loss weights and sums as device tensors; and the graph-safe optimizer settings it needs."""
+with the learning rate, loss weights, sums and the cached teacher rows read from device tensors filled in place.
+Any failure before the graph exists (preparing, warming up, capturing) ends in the eager step, said in one line."""
 
 from __future__ import annotations
 
-import sys
+import contextlib
 from typing import Any, Protocol
 
 import torch
 
 from ackd_search.config import RunConfig
 from ackd_search.errors import one_line
+from ackd_search.notices import notice
 from ackd_search.training.device import autocast_for
+from ackd_search.training.graph_safe import GraphSafeOptimizer, portable_state, set_capturable
 from ackd_search.training.sums import EpochSums
+
+__all__ = ["CapturedStep", "GraphSafeOptimizer", "StepHost", "portable_state", "set_capturable"]
 
 
 class StepHost(Protocol):
@@ -25,56 +30,8 @@ class StepHost(Protocol):
     teacher_outputs: Any
     graphs_status: str
 
-    def step(self, x: torch.Tensor, y: torch.Tensor, epoch: int, autocast=None, views: torch.Tensor | None = None,
+    def step(self, x: torch.Tensor, y: torch.Tensor, epoch: int, autocast=None, rows: torch.Tensor | None = None,
              teacher_out: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> None: ...
-
-
-class GraphSafeOptimizer:
-    """While active, the main SGD reads its learning rate from a device tensor (fused kernel, tensor lr), so a
-    captured step replays with the lr of the current epoch. Outside, the optimizer is exactly the eager one (float
-    lr, the default implementation): the scheduler, checkpoints and the eager steps never see the tensor."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device):
-        self.optimizer = optimizer
-        self.lrs = [torch.zeros((), device=device) for _ in optimizer.param_groups]  # fp32: the fused kernel's type
-        self._saved: list[tuple[Any, Any, Any]] = []
-
-    def load_lr(self) -> None:
-        """Copy the scheduler's current lr into the device tensors (in place; once per epoch, outside the graph)."""
-        for lr, group in zip(self.lrs, self.optimizer.param_groups):
-            lr.fill_(float(group["lr"]))
-
-    def __enter__(self) -> GraphSafeOptimizer:
-        self._saved = [(g["lr"], g["foreach"], g["fused"]) for g in self.optimizer.param_groups]
-        for lr, group in zip(self.lrs, self.optimizer.param_groups):
-            group["lr"], group["foreach"], group["fused"] = lr, False, True
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for group, (lr, foreach, fused) in zip(self.optimizer.param_groups, self._saved):
-            group["lr"], group["foreach"], group["fused"] = lr, foreach, fused
-
-
-def set_capturable(optimizer: torch.optim.Optimizer | None, device: torch.device) -> None:
-    """Let an Adam-style optimizer (the adversary's) step inside a CUDA graph: its step counts move to the device."""
-    if optimizer is None:
-        return
-    for group in optimizer.param_groups:
-        group["capturable"] = True
-    for state in optimizer.state.values():
-        if "step" in state:
-            state["step"] = state["step"].to(device=device, dtype=torch.float32)
-    optimizer._warned_capturable_if_run_uncaptured = True  # the warm-up and partial batches run it uncaptured
-
-
-def portable_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """An optimizer's state dict as an eager run writes it (capturable off), whichever way this run stepped."""
-    state = optimizer.state_dict()
-    for group in state["param_groups"]:
-        if "capturable" in group:
-            group["capturable"] = False
-    return state
-
 
 
 class CapturedStep:
@@ -82,8 +39,9 @@ class CapturedStep:
     eagerly on a side stream, the next full batch is captured, and every full batch after it is a copy into the
     static batch buffers plus one replay. The epoch's partial last batch runs eagerly (the same step, uncaptured).
 
-    `capture=False` runs the same graph-safe step (static buffers, tensor lr, fused SGD, on-device sums) eagerly:
-    what the tests check on a CPU against the plain step."""
+    `capture=False` runs the same graph-safe step (static buffers, tensor lr, fused SGD, on-device sums, the cached
+    teacher rows gathered inside the step) eagerly: what the tests check on a CPU against the plain step. On a CPU
+    with `capture=True` the warm-up runs without a side stream and the capture fails: the eager fallback's path."""
 
     WARMUP_STEPS = 3
 
@@ -94,89 +52,115 @@ class CapturedStep:
         self.batch_size = run.cfg.optim.batch_size
         self.key: object = object()  # no step shape yet
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.static_x = self.static_y = self.static_v = None
+        self.static_x = self.static_y = self.static_rows = None
         self.static_t: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self.warm = 0
         self.names: set[str] = set()
         self.failed: str | None = None
-        if capture:
+        self.side = torch.cuda.Stream(run.device) if run.device.type == "cuda" else None
+        if capture and run.device.type == "cuda":  # capturable Adam exists on CUDA only
             set_capturable(run.distiller.adversary_optimizer, run.device)
 
     def begin_epoch(self, epoch: int) -> None:
+        if self.failed is not None:
+            return
+        try:
+            self.optimizer.ensure_momentum_buffers()  # any parameter may get its first gradient in any epoch
+        except Exception as err:
+            self.give_up(f"graph-safe optimizer: {one_line(err)}")
+            return
         self.optimizer.load_lr()
         key = self.run.distiller.step_key(epoch)
         if key != self.key:  # a new step shape (e.g. the adversary switched on): warm up and capture again
             self.key, self.graph, self.static_x, self.static_y, self.warm = key, None, None, None, 0
-            self.static_v = self.static_t = None
+            self.static_rows = self.static_t = None
 
-    def step(self, x: torch.Tensor, y: torch.Tensor, epoch: int, views: torch.Tensor | None = None) -> None:
+    def step(self, x: torch.Tensor, y: torch.Tensor, epoch: int, rows: torch.Tensor | None = None) -> None:
         if self.failed is not None or x.shape[0] != self.batch_size:
-            self.run.step(x, y, epoch, views=views)
+            self.run.step(x, y, epoch, rows=rows)
             return
         if not self.capture:
-            self._load(x, y, views)
+            self._load(x, y, rows)
             with self.optimizer:
                 self._static_step(epoch)
             return
         if self.graph is None:
             if self.warm < self.WARMUP_STEPS:
-                self._warmup(x, y, epoch, views)
+                self._warmup(x, y, epoch, rows)
                 return
-            if not self._capture(x, y, epoch, views):
-                self.run.step(x, y, epoch, views=views)
+            if not self._capture(x, y, epoch, rows):
+                self.run.step(x, y, epoch, rows=rows)
                 return
-        self._load(x, y, views)
+        self._load(x, y, rows)
         self.graph.replay()
         self.run.sums.seen |= self.names
 
     def _static_step(self, epoch: int) -> None:
         """The step on the static buffers: the cached teacher outputs are gathered inside it (a device index op on
-        the static view buffer) when the cache is on the device, or were gathered into static buffers by `_load`."""
-        self.run.step(self.static_x, self.static_y, epoch, self.autocast, views=self.static_v,
+        the static row buffer) when the cache is on the device, or were gathered into static buffers by `_load`."""
+        self.run.step(self.static_x, self.static_y, epoch, self.autocast, rows=self.static_rows,
                       teacher_out=self.static_t)
 
-    def _load(self, x: torch.Tensor, y: torch.Tensor, views: torch.Tensor | None = None) -> None:
+    def _load(self, x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor | None = None) -> None:
         if self.static_x is None:
             self.static_x, self.static_y = torch.empty_like(x), torch.empty_like(y)
         self.static_x.copy_(x)
         self.static_y.copy_(y)
         outputs = self.run.teacher_outputs
-        if views is None or outputs is None:
+        if rows is None or outputs is None:
             return
-        if outputs.on_device:
-            if self.static_v is None:
-                self.static_v = torch.empty_like(views)
-            self.static_v.copy_(views)
+        if outputs.in_graph:  # whole arrays or the epoch's rows on the device: indexed inside the step
+            if self.static_rows is None:
+                self.static_rows = torch.empty_like(rows)
+            self.static_rows.copy_(rows)
             return
-        logits, pooled = outputs.gather(views)  # host memmap: gathered outside the graph, copied into buffers
+        logits, pooled = outputs.gather(rows)  # host memmap (a CPU run): gathered here, copied into buffers
         if self.static_t is None:
             self.static_t = (torch.empty_like(logits), torch.empty_like(pooled) if pooled is not None else None)
         self.static_t[0].copy_(logits)
         if pooled is not None:
             self.static_t[1].copy_(pooled)
 
-    def _warmup(self, x: torch.Tensor, y: torch.Tensor, epoch: int, views: torch.Tensor | None = None) -> None:
-        """A real training step, eager, on a side stream (as CUDA graph capture wants its warm-up)."""
-        main = torch.cuda.current_stream(self.run.device)
-        side = torch.cuda.Stream(self.run.device)
-        side.wait_stream(main)
-        with torch.cuda.stream(side), self.optimizer:
-            self.run.step(x, y, epoch, self.autocast, views=views)
-        main.wait_stream(side)
+    def _side_stream(self):
+        """The stream warm-up steps run on (as CUDA graph capture wants them); none on a CPU."""
+        if self.side is None:
+            return contextlib.nullcontext()
+        self.side.wait_stream(torch.cuda.current_stream(self.run.device))
+        return torch.cuda.stream(self.side)
+
+    def _warmup_step(self, x: torch.Tensor, y: torch.Tensor, epoch: int, rows: torch.Tensor | None) -> None:
+        with self._side_stream(), self.optimizer:
+            self.run.step(x, y, epoch, self.autocast, rows=rows)
+
+    def _warmup(self, x: torch.Tensor, y: torch.Tensor, epoch: int, rows: torch.Tensor | None = None) -> None:
+        """A real training step through the graph-safe optimizer, eager. A failure hands the run to the eager step,
+        this batch included: a step that raised before its updates loses nothing (the fused SGD refuses its
+        arguments before it writes); one that raised after the adversary's own Adam step repeats that step once."""
+        try:
+            self._warmup_step(x, y, epoch, rows)
+        except Exception as err:
+            self._join_side_stream()
+            self._drop_grads()
+            self.give_up(f"warm-up failed: {one_line(err)}")
+            self.run.step(x, y, epoch, rows=rows)
+            return
+        self._join_side_stream()
         self.warm += 1
 
-    def _capture(self, x: torch.Tensor, y: torch.Tensor, epoch: int, views: torch.Tensor | None = None) -> bool:
-        self._load(x, y, views)
+    def _join_side_stream(self) -> None:
+        if self.side is not None:
+            torch.cuda.current_stream(self.run.device).wait_stream(self.side)
+
+    def _capture(self, x: torch.Tensor, y: torch.Tensor, epoch: int, rows: torch.Tensor | None = None) -> bool:
         seen_before, self.run.sums.seen = self.run.sums.seen, set()
         try:
+            self._load(x, y, rows)
             graph = torch.cuda.CUDAGraph()
             torch.cuda.synchronize(self.run.device)
             with self.optimizer, torch.cuda.graph(graph):
                 self._static_step(epoch)
         except Exception as err:  # the trial goes on eagerly; the reason is said once
-            self.run.optimizer.zero_grad(set_to_none=True)
-            if self.run.distiller.adversary_optimizer is not None:
-                self.run.distiller.adversary_optimizer.zero_grad(set_to_none=True)
+            self._drop_grads()
             self.run.sums.seen = seen_before
             self.give_up(f"capture failed: {one_line(err)}")
             return False
@@ -184,8 +168,13 @@ class CapturedStep:
         self.graph = graph
         return True  # capturing ran nothing: the caller replays this batch
 
+    def _drop_grads(self) -> None:
+        self.run.optimizer.zero_grad(set_to_none=True)
+        if self.run.distiller.adversary_optimizer is not None:
+            self.run.distiller.adversary_optimizer.zero_grad(set_to_none=True)
+
     def give_up(self, why: str) -> None:
         self.failed = why
+        self.graph = None
         self.run.graphs_status = f"eager: {why}"
-        print(f"ackd-search: cuda_graphs: {why}; continuing eagerly", file=sys.stderr, flush=True)
-
+        notice(f"cuda_graphs: {why}; continuing eagerly")

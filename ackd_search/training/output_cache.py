@@ -8,13 +8,18 @@ image of a batch is, and the trainer gathers that view's row here instead of run
 Storage, in `<teacher cache entry>/outputs/<key>/` (a user's checkpoint: `<cache_dir>/checkpoint-<sha>/outputs/`):
 `logits.npy` (and `pooled.npy`), shape (images x views, width), row = image * num_views + view; float32 when the
 float32 array is at most STORE_F32_MAX_BYTES (digits, small subsets), else float16 (CIFAR-10 0.15 GB, CIFAR-100
-1.5 GB); `manifest.json` (written last) records the key, shapes, dtypes and each file's sha256. The key hashes the
-teacher's weights (sha256), the training split's images and labels, the augmentation and the teacher's precision.
-The first process computes it under the teacher cache's lock; the others wait and read it.
+1.5 GB); `manifest.json` (rewritten last, atomically) names the arrays it holds, with their shapes, dtypes and
+sha256. The key hashes the teacher's weights (sha256), the training split's images and labels, the augmentation and
+the teacher's precision, not which arrays a run needs: a run that needs an array the entry lacks (ACKD's pooled
+features after KD's logits) computes that array alone and adds it to the manifest. The first process computes
+under the teacher cache's lock; the others wait and read it. A process maps each file once and its trials share the
+map (and the arrays' device copy: `teacher_outputs.py`, which also says where a run reads its rows from).
 
-`teacher.output_cache`: off; on; auto = on when the arrays fit MEMORY_BUDGET_BYTES and, on a CPU, computing the
-cache costs no more teacher forwards than this run would spend itself (views <= images x epochs): on a GPU a study's
-trials share it, on a CPU a single trial must not pay for a long precomputation.
+`teacher.output_cache`: off; on; auto = on when the arrays (as stored) take at most HOST_MEMORY_FRACTION of this
+machine's memory (they are memory-mapped and read every epoch: they must stay in the page cache) and, on a CPU,
+computing the cache costs no more teacher forwards than this run would spend itself (views <= images x epochs): on
+a GPU a study's trials share it, on a CPU a single trial must not pay for a long precomputation. The GPU's memory
+decides only where the rows are read from (`teacher_outputs.GPU_FRACTION`), never whether the cache is used.
 """
 
 from __future__ import annotations
@@ -22,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,20 +38,23 @@ from torch import nn
 
 from ackd_search.config import RunConfig
 from ackd_search.data import Augment, DataSplits, DeviceLoader
-from ackd_search.files import locked, matches_sha256, sha256_file, write_text_atomic
+from ackd_search.files import locked, mark_verified, matches_sha256, sha256_file, write_text_atomic
+from ackd_search.notices import notice
 from ackd_search.training.device import autocast_for
+from ackd_search.training.teacher_outputs import GPU_FRACTION, TeacherOutputs, mapped
 from ackd_search.training.teachers import cache_entry
 
-MEMORY_BUDGET_BYTES = 2 << 30  # auto: the cache (all arrays as stored) must fit this; also host RAM vs memmap
-GPU_FRACTION = 0.25  # on CUDA the arrays go to the GPU when they also fit this share of its free memory
+__all__ = ["GPU_FRACTION", "HOST_MEMORY_FRACTION", "TeacherOutputs", "teacher_outputs_for"]
+
+HOST_MEMORY_FRACTION = 0.5  # auto: the arrays (as stored) must fit this share of the host's physical memory
 STORE_F32_MAX_BYTES = 64 << 20  # float32 storage up to this size, float16 beyond
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 PROGRESS_EVERY_S = 5.0
 
 
-def _log(text: str) -> None:
-    print(f"ackd-search: teacher output cache: {text}", file=sys.stderr, flush=True)
+def _log(text: str, once: bool = False) -> None:
+    notice(f"teacher output cache: {text}", once=once)
 
 
 def needs_pooled(cfg: RunConfig) -> bool:
@@ -77,37 +84,6 @@ class Plan:
 
     def nbytes(self) -> int:
         return sum(self.rows * w * _storage_dtype(self.rows * w * 4).itemsize for w in self.widths.values())
-
-
-class TeacherOutputs:
-    """The cached arrays for one run: `gather(views)` gives (logits float32, pooled float32 or None) on `device`.
-
-    `on_device`: the arrays live on the run's device and `gather` is one index op (captured in a CUDA graph with a
-    static view buffer); otherwise they are memory-mapped on the host and gathered there, then copied."""
-
-    def __init__(self, arrays: dict[str, np.ndarray], num_views: int, device: torch.device, directory: Path):
-        self.num_views, self.device, self.directory = num_views, device, directory
-        total = sum(a.nbytes for a in arrays.values())
-        fits = total <= MEMORY_BUDGET_BYTES
-        if fits and device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(device)
-            fits = total <= GPU_FRACTION * free
-        self.on_device = fits
-        if fits:
-            self.tensors = {k: torch.from_numpy(np.array(a)).to(device) for k, a in arrays.items()}
-        else:
-            self.arrays = arrays
-        self.has_pooled = "pooled" in arrays
-
-    def gather(self, views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if self.on_device:
-            logits = self.tensors["logits"].index_select(0, views).float()
-            pooled = self.tensors["pooled"].index_select(0, views).float() if self.has_pooled else None
-            return logits, pooled
-        idx = views.cpu().numpy()
-        out = [torch.from_numpy(np.ascontiguousarray(self.arrays[k][idx])).to(self.device, non_blocking=True).float()
-               for k in ("logits", "pooled") if k in self.arrays]
-        return out[0], (out[1] if len(out) > 1 else None)
 
 
 def _fingerprint(splits: DataSplits) -> str:
@@ -166,7 +142,8 @@ def read_manifest(directory: Path, key: dict[str, Any], names: list[str]) -> dic
 @torch.no_grad()
 def compute(teacher: nn.Module, loader: DeviceLoader, names: list[str], directory: Path, autocast,
             chunk: int) -> dict[str, dict[str, Any]]:
-    """Run `teacher` over every view of `loader`'s images, in chunks of `chunk` views, writing `<name>.npy`."""
+    """Run `teacher` over every view of `loader`'s images, in chunks of `chunk` views, writing `<name>.npy` for each
+    of `names` only (pooled alone, when the logits are there already)."""
     rows = loader.num_samples * loader.num_views
     outs: dict[str, np.ndarray] = {}
     tmp: dict[str, Path] = {}
@@ -177,7 +154,7 @@ def compute(teacher: nn.Module, loader: DeviceLoader, names: list[str], director
         with autocast():
             if "pooled" in names:
                 pooled = teacher.head.pooled(teacher.forward_features(x))
-                got = {"logits": teacher.head.fc(pooled), "pooled": pooled}
+                got = {"pooled": pooled, **({"logits": teacher.head.fc(pooled)} if "logits" in names else {})}
             else:
                 got = {"logits": teacher(x)}
         for name, value in got.items():
@@ -192,17 +169,22 @@ def compute(teacher: nn.Module, loader: DeviceLoader, names: list[str], director
         done = min(rows, lo + chunk)
         if now - last >= PROGRESS_EVERY_S or done == rows:
             last = now
-            _log(f"{done:,}/{rows:,} views ({100 * done / rows:.0f}%), {now - start:.1f} s")
+            _log(f"{done:,}/{rows:,} {'+'.join(names)} views ({100 * done / rows:.0f}%), {now - start:.1f} s")
     meta = {}
-    for name, array in outs.items():
+    for name in list(outs):
+        array = outs.pop(name)
         array.flush()
+        dtype, shape = str(array.dtype), list(array.shape)
         del array
         final = directory / f"{name}.npy"
         os.replace(tmp[name], final)
-        meta[name] = {"file": final.name, "sha256": sha256_file(final), "dtype": str(outs[name].dtype),
-                      "shape": list(outs[name].shape)}
-    outs.clear()
+        meta[name] = {"file": final.name, "sha256": sha256_file(final), "dtype": dtype, "shape": shape}
+        mark_verified(final)  # just hashed: this process's trials need not read it again
     return meta
+
+
+def host_memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def _decide(cfg: RunConfig, splits: DataSplits, device: torch.device, plan: Plan) -> str | None:
@@ -215,9 +197,11 @@ def _decide(cfg: RunConfig, splits: DataSplits, device: torch.device, plan: Plan
         return f"off: {why}"
     if setting == "on":
         return None
-    if plan.nbytes() > MEMORY_BUDGET_BYTES:
+    budget = HOST_MEMORY_FRACTION * host_memory_bytes()
+    if plan.nbytes() > budget:
         return (f"off: {plan.nbytes() / 2**30:.2f} GiB of teacher outputs exceed the auto budget of "
-                f"{MEMORY_BUDGET_BYTES / 2**30:.0f} GiB (set teacher.output_cache: on to use it anyway)")
+                f"{budget / 2**30:.1f} GiB ({HOST_MEMORY_FRACTION:.0%} of this machine's memory; set "
+                "teacher.output_cache: on to use it anyway)")
     run_forwards = len(splits.train) * cfg.optim.epochs
     if device.type == "cpu" and plan.rows > run_forwards:
         return (f"off: on the CPU, {plan.rows:,} views cost more teacher forwards than this run's {run_forwards:,} "
@@ -226,10 +210,10 @@ def _decide(cfg: RunConfig, splits: DataSplits, device: torch.device, plan: Plan
 
 
 def teacher_outputs_for(cfg: RunConfig, splits: DataSplits, teacher: nn.Module | None,
-                        teacher_info: dict[str, Any] | None,
-                        device: torch.device) -> tuple[TeacherOutputs | None, str]:
-    """The run's teacher-output cache (computed now when no process has yet) and its status for `RunResult`:
-    "used", "off" or "off: <why>" (said on one line)."""
+                        teacher_info: dict[str, Any] | None, device: torch.device,
+                        placement: str = "auto") -> tuple[TeacherOutputs | None, str]:
+    """The run's teacher-output cache (the arrays it lacks computed now when no process has yet) and its status
+    for `RunResult`: "used", "off" or "off: <why>" (said on one line). `placement`: `teacher_outputs.PLACEMENTS`."""
     if teacher is None or teacher_info is None or cfg.distill.method == "student":
         return None, "off"
     augment = splits.augment if enumerable(splits.augment) is None else None
@@ -246,38 +230,45 @@ def teacher_outputs_for(cfg: RunConfig, splits: DataSplits, teacher: nn.Module |
     status = _decide(cfg, splits, device, plan)
     if status is not None:
         if status != "off":
-            _log(status[5:] + "; running the teacher instead")
+            _log(status[5:] + "; running the teacher instead", once=True)
         return None, status
     key = cache_key(cfg, splits, teacher_info, precision)
     directory = cache_dir(cfg, teacher_info, key)
-    manifest = read_manifest(directory, key, names)
-    if manifest is None:
+    if read_manifest(directory, key, names) is None:
         with locked(_lock_path(cfg, directory)):
-            manifest = read_manifest(directory, key, names)
-            if manifest is None:
-                manifest = _build(cfg, splits, teacher, device, key, directory, names, plan)
-    arrays = {name: np.load(directory / f"{name}.npy", mmap_mode="r") for name in names}
-    return TeacherOutputs(arrays, num_views, device, directory), "used"
+            if read_manifest(directory, key, names) is None:
+                _add_missing(cfg, splits, teacher, device, key, directory, names, plan)
+    files = {name: directory / f"{name}.npy" for name in names}
+    arrays = {name: mapped(file) for name, file in files.items()}
+    return TeacherOutputs(arrays, num_views, device, directory, placement, files), "used"
 
 
-def _build(cfg: RunConfig, splits: DataSplits, teacher: nn.Module, device: torch.device, key: dict[str, Any],
-           directory: Path, names: list[str], plan: Plan) -> dict[str, Any]:
+def _add_missing(cfg: RunConfig, splits: DataSplits, teacher: nn.Module, device: torch.device, key: dict[str, Any],
+                 directory: Path, names: list[str], plan: Plan) -> dict[str, Any]:
+    """Compute the arrays of `names` the entry lacks (all of them for a new entry) and write the manifest that
+    names them beside the ones it had. Called under the lock."""
     directory.mkdir(parents=True, exist_ok=True)
+    manifest = read_manifest(directory, key, [])  # the entry's manifest, whatever arrays it holds
+    have = [n for n in names if manifest is not None and read_manifest(directory, key, [n]) is not None]
+    missing = [n for n in names if n not in have]
     channels_last = cfg.channels_last and device.type == "cuda"
     loader = DeviceLoader(splits.train, 1, device, splits.mean, splits.std, augment=splits.augment,
                           channels_last=channels_last)
-    _log(f"computing {plan.rows:,} views ({len(splits.train):,} images x {plan.num_views}) of "
-         f"{cfg.teacher.arch} into {directory}")
+    _log(f"computing {'+'.join(missing)} for {plan.rows:,} views ({len(splits.train):,} images x "
+         f"{plan.num_views}) of {cfg.teacher.arch} into {directory}")
     started = time.perf_counter()
     was_training = teacher.training
     teacher.eval()
     chunk = 1024 if device.type == "cuda" else 256
-    arrays = compute(teacher, loader, names, directory, autocast_for(cfg, device), chunk)
+    arrays = compute(teacher, loader, missing, directory, autocast_for(cfg, device), chunk)
     teacher.train(was_training)
-    manifest = {"key": key, "num_views": plan.num_views, "images": len(splits.train), "arrays": arrays,
+    compute_s = round(time.perf_counter() - started, 3)
+    for meta in arrays.values():
+        meta["compute_s"] = compute_s
+    kept = {n: m for n, m in (manifest or {}).get("arrays", {}).items() if n in have or n not in names}
+    manifest = {"key": key, "num_views": plan.num_views, "images": len(splits.train), "arrays": {**kept, **arrays},
                 "row": "image * num_views + view; view = (dy * (2 pad + 1) + dx) * flips + flip",
-                "device": str(device), "compute_s": round(time.perf_counter() - started, 3),
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                "device": str(device), "compute_s": compute_s, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     write_text_atomic(directory / MANIFEST, json.dumps(manifest, indent=1))  # last: the arrays are complete
-    _log(f"done in {manifest['compute_s']:.1f} s")
+    _log(f"done in {compute_s:.1f} s")
     return manifest
