@@ -2,8 +2,9 @@
 a dict) and, optionally, in-memory data (arrays, tensors or any indexable Dataset) and `nn.Module` builders.
 
 In-memory data is written once as an `.npz` beside the study (the `arrays` source), so every trial, worker and later
-command line reads it by path. A builder is known to this process only (`python:<name>`): the study says so, and the
-command line names what it lacks (give the builder as `py:<file.py>:<function>` to use it there)."""
+command line reads it by path. `search` writes the space it ran as `<name>-space.yaml` beside the study, the file the
+command line reopens it with. A builder is known to this process only (`python:<name>`): the command line reads
+the study (report, dashboard) but names what it lacks to build one (give it as `py:<file.py>:<function>` there)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,10 @@ from ackd_search.backends.local import run_search
 from ackd_search.config import RunConfig, from_dict, load_run_config
 from ackd_search.data import DataSplits, splits_from_arrays, splits_from_dataset
 from ackd_search.errors import ConfigError
+from ackd_search.files import write_text_atomic
 from ackd_search.models import register_builder
+from ackd_search.searching.confirm import min_seeds
+from ackd_search.searching.record import StudyPaths
 from ackd_search.searching.space import Space, load_space_data
 from ackd_search.searching.space import load_space as load_space_file
 from ackd_search.searching.study import open_existing_study, quiet_optuna
@@ -77,6 +81,17 @@ def save_arrays(splits: DataSplits, folder: Path) -> Path:
     return path
 
 
+def _beside_study(raw: Mapping[str, Any], name: str) -> Path:
+    """The folder that holds the study's runs folder: its in-memory data and its space file go there too."""
+    return Path((raw.get("study") or {}).get("runs_dir") or f"studies/{name}-runs").parent
+
+
+def _write_space(path: Path, raw: Mapping[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, "# written by ackd_search.search(): the space this study was made from, for the command "
+                      "line\n" + yaml.safe_dump(dict(raw), sort_keys=False))
+
+
 def _with_inputs(raw: dict[str, Any], data: Data | None, student: Builder | None, teacher: Builder | None,
                  name: str) -> dict[str, Any]:
     """The space's plain data with in-memory data and builders put where every process can find them."""
@@ -88,10 +103,22 @@ def _with_inputs(raw: dict[str, Any], data: Data | None, student: Builder | None
     if data is not None:
         settings = run.setdefault("data", {})
         splits = _as_data(data, float(settings.get("val_fraction", 0.1)), int(settings.get("split_seed", 0)))
-        folder = Path((raw.get("study") or {}).get("runs_dir") or f"studies/{name}-runs").parent
-        path = save_arrays(splits, folder / f"{name}-data")
+        path = save_arrays(splits, _beside_study(raw, name) / f"{name}-data")
         run["data"] = {"name": "arrays", "data_root": str(path)}  # train / val / test as given or carved once
     return raw
+
+
+def _plain(space: str | Path | Mapping[str, Any] | Space) -> tuple[dict[str, Any], str]:
+    """(a copy of the space's plain data, where it came from)."""
+    if isinstance(space, Space):
+        return copy.deepcopy(space.raw), space.source
+    if isinstance(space, Mapping):
+        return copy.deepcopy(dict(space)), "<dict>"
+    return yaml.safe_load(Path(space).read_text()) or {}, str(space)
+
+
+def _study_name(raw: Mapping[str, Any]) -> str:
+    return str((raw.get("study") or {}).get("name") or "study")
 
 
 def search(space: str | Path | Mapping[str, Any] | Space, *, data: Data | None = None, student: Builder | None = None,
@@ -103,25 +130,38 @@ def search(space: str | Path | Mapping[str, Any] | Space, *, data: Data | None =
     `fn(num_classes, in_channels=...) -> nn.Module` replacing `run.student` / `run.teacher.arch`. Trials run in
     this process; for several worker processes or Ray, use the command line with the space file."""
     quiet_optuna()
-    if isinstance(space, Space):
-        raw, source = copy.deepcopy(space.raw), space.source
-    elif isinstance(space, Mapping):
-        raw, source = copy.deepcopy(dict(space)), "<dict>"
-    else:
-        raw, source = yaml.safe_load(Path(space).read_text()) or {}, str(space)
-    if data is not None or student is not None or teacher is not None:
-        name = str((raw.get("study") or {}).get("name") or "study")
+    raw, source = _plain(space)
+    name = _study_name(raw)
+    given = data is not None or student is not None or teacher is not None
+    if given:
         raw = _with_inputs(raw, data, student, teacher, name)
-    return run_search(load_space_data(raw, source), n_trials, timeout_s, storage, confirm=confirm)
+    built = load_space_data(raw, source)
+    # The command line reopens a study by its space file: one is written beside the study unless the space is a
+    # file already. Before the search only where none is there (a refused search must not replace the file of
+    # another space's study); after it, always (it is then this study's).
+    space_file = _beside_study(raw, name) / f"{name}-space.yaml" if given or not Path(source).is_file() else None
+    if space_file is not None and not space_file.exists():
+        _write_space(space_file, raw)
+    study = run_search(built, n_trials, timeout_s, storage, confirm=confirm)
+    if space_file is not None:
+        _write_space(space_file, raw)
+        print(f"the command line reopens this study with --space {space_file} (report, dashboard, export)")
+    return study
 
 
-def export(space: str | Path | Mapping[str, Any] | Space, *, trial: int | None = None, epochs: int | None = None,
+def export(space: str | Path | Mapping[str, Any] | Space, *, data: Data | None = None, student: Builder | None = None,
+           teacher: Builder | None = None, trial: int | None = None, epochs: int | None = None,
            out: str | Path | None = None, force: bool = False, storage: str | None = None) -> RunConfig:
     """The confirmed winner's (or trial `trial`'s) run config at the full budget; written as YAML to `out` when
-    given, as `search.py export` does."""
-    built = space if isinstance(space, Space) else load_space(space)
+    given, as `search.py export` does. The study's space is the one `search` ran: give the same `data` / `student`
+    / `teacher` as there (they are put in the same way), or the `<name>-space.yaml` file `search` wrote."""
+    if data is None and student is None and teacher is None:
+        built = space if isinstance(space, Space) else load_space(space)
+    else:
+        raw, source = _plain(space)
+        built = load_space_data(_with_inputs(raw, data, student, teacher, _study_name(raw)), source)
     study = open_existing_study(built, storage)
-    chosen = select_trial(study, trial)
+    chosen = select_trial(study, trial, StudyPaths.for_space(built), min_seeds(built)).trial
     if out is not None:
         return write_export(built, study, chosen, Path(out), epochs, force=force)
     return export_config(built, chosen, epochs, study=study)

@@ -4,7 +4,6 @@ channel statistics, and the fixed, stratified splitting, carving and subsampling
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -14,6 +13,7 @@ from sklearn.model_selection import train_test_split
 
 from ackd_search.data.resized_crop import ResizedCropFlip
 from ackd_search.errors import DataError
+from ackd_search.notices import notice
 
 FIXED_SEED = 0  # the digits test carve and the `limit` subsample must not move with split_seed
 CARVED_TEST_FRACTION = 0.2  # a source without a test split gets this fixed, stratified share of its training data
@@ -21,7 +21,7 @@ CARVED_TEST_FRACTION = 0.2  # a source without a test split gets this fixed, str
 
 def log(text: str) -> None:
     """The data layer's one-line notes (decoding, cache reads, carved splits, skipped files), on stderr."""
-    print(f"ackd-search: data: {text}", file=sys.stderr, flush=True)
+    notice(f"data: {text}")
 
 
 @dataclass(frozen=True)

@@ -5,12 +5,21 @@ Importing this package imports each zoo module, which registers its builders wit
 
 from ackd_search.errors import ModelError, UnknownModelError, WeightsError
 from ackd_search.models import digits, mobilenetv2, resnet, shufflenet, vgg, wrn  # noqa: F401  (registration)
-from ackd_search.models.base import ClassifierHead, Head, StagedNet, StageInfo, list_models, register_model
+from ackd_search.models.base import (
+    ClassifierHead,
+    Head,
+    StagedNet,
+    StageInfo,
+    is_zoo_model,
+    list_models,
+    register_model,
+)
 from ackd_search.models.complexity import count_flops, count_parameters
 from ackd_search.models.init import initial_model
 from ackd_search.models.learners import fresh_head, fresh_stages, replace_head
 from ackd_search.models.names import (
     PREFIXES,
+    built_elsewhere,
     check_model_name,
     create_model,
     model_name_problem,
@@ -36,6 +45,7 @@ __all__ = [
     "StagedNet",
     "UnknownModelError",
     "WeightsError",
+    "built_elsewhere",
     "check_model_name",
     "count_flops",
     "count_parameters",
@@ -44,6 +54,7 @@ __all__ = [
     "fresh_stages",
     "checkpoint_classes",
     "head_mismatch",
+    "is_zoo_model",
     "initial_model",
     "list_models",
     "load_failure",

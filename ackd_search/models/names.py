@@ -47,6 +47,12 @@ def model_name_problem(name: object) -> str | None:
             "torchvision:<name>, py:<file.py>:<function>")
 
 
+def built_elsewhere(name: object) -> bool:
+    """A `python:<name>` builder that the Python API registered in another process (unknown in this one)."""
+    return (isinstance(name, str) and name.startswith(user_models.PYTHON_PREFIX)
+            and user_models.registered_problem(name[len(user_models.PYTHON_PREFIX):]) is not None)
+
+
 def check_model_name(name: str) -> None:
     problem = model_name_problem(name)
     if problem is not None:

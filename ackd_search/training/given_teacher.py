@@ -14,7 +14,7 @@ from torch import nn
 
 from ackd_search.config import RunConfig
 from ackd_search.data import DataSplits, DeviceLoader, data_key
-from ackd_search.errors import CheckpointError, WeightsError
+from ackd_search.errors import CheckpointError, ModelError, WeightsError
 from ackd_search.files import sha256_file
 from ackd_search.models import create_model, head_mismatch, load_original_state_dict, read_state_dict
 from ackd_search.training.device import autocast_for
@@ -74,6 +74,8 @@ def given_teacher(cfg: RunConfig, splits: DataSplits, device: torch.device) -> t
         model = _model(cfg, splits).to(device).eval()
     except WeightsError as err:
         raise CheckpointError(str(err)) from None
+    except ModelError as err:  # pretrained weights that cannot be fetched (offline), a builder that fails
+        raise CheckpointError(f"{'teacher.pretrained' if cfg.teacher.pretrained else 'teacher.arch'}: {err}") from None
     sha, folder = _identity(cfg)
     info: dict[str, Any] = {"arch": cfg.teacher.arch, "sha256": sha, "given_dir": folder,
                             "val_acc": _val_acc(cfg, model, splits, device, sha)}

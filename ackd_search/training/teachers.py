@@ -8,7 +8,6 @@ import hashlib
 import json
 import re
 import shutil
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -20,9 +19,10 @@ from torch import nn
 
 from ackd_search.config import DistillConfig, RunConfig, to_dict
 from ackd_search.data import DataSplits, data_key
-from ackd_search.errors import CheckpointError, WeightsError
+from ackd_search.errors import CheckpointError, ModelError, WeightsError
 from ackd_search.files import locked, save_atomic, sha256_file, write_text_atomic
 from ackd_search.models import create_model, load_original_state_dict, read_state_dict
+from ackd_search.notices import notice
 from ackd_search.training.given_teacher import given_teacher
 from ackd_search.training.loop import Reporter, train
 
@@ -89,7 +89,13 @@ def _train_teacher(cfg: RunConfig, splits: DataSplits, entry: Path,
     )
     what = "fine-tuning the teacher" if t.finetune else "teacher"
     reporter = progress(f"{what} {t.arch}", teacher_cfg.optim.epochs) if progress else None
-    result = train(teacher_cfg, reporter, splits=splits, teacher=None, teacher_info=None)
+    try:
+        result = train(teacher_cfg, reporter, splits=splits, teacher=None, teacher_info=None)
+    except (WeightsError, ModelError) as err:  # unusable starting weights: one line here, not a traceback per trial
+        shutil.rmtree(run_dir, ignore_errors=True)
+        if isinstance(err, WeightsError):  # "<checkpoint> does not fit the model: missing keys: ..."
+            raise CheckpointError(f"teacher.checkpoint {err}") from None
+        raise CheckpointError(f"{'teacher.pretrained' if t.pretrained else 'teacher.arch'}: {err}") from None
     save_atomic(result.student_state, entry / WEIGHTS)
     manifest = {
         "arch": cfg.teacher.arch,
@@ -132,9 +138,8 @@ def get_teacher(cfg: RunConfig, splits: DataSplits, device: torch.device,
             manifest = read_manifest(entry)
             if manifest is None:
                 if (entry / MANIFEST).exists() or (entry / WEIGHTS).exists():
-                    print(f"ackd-search: teacher cache {entry} is incomplete or corrupt (missing file, bad manifest or "
-                          "weights that do not match their sha256): training the teacher again", file=sys.stderr,
-                          flush=True)
+                    notice(f"teacher cache {entry} is incomplete or corrupt (missing file, bad manifest or weights "
+                           "that do not match their sha256): training the teacher again")
                 manifest = _train_teacher(cfg, splits, entry, progress)
     model = cached_model(cfg, splits, entry / WEIGHTS).to(device).eval()
     return model, {**manifest, "cache_entry": str(entry)}
