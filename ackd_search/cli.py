@@ -8,18 +8,22 @@ import argparse
 import difflib
 import json
 import math
-import os
 import signal
+import socket
 import sys
 from pathlib import Path
+
+from optuna.artifacts import FileSystemArtifactStore
+from optuna_dashboard import run_server
 
 from ackd_search import __version__
 from ackd_search.backends.local import confirm_study, run_search
 from ackd_search.backends.workers import run_workers
 from ackd_search.config import load_run_config
-from ackd_search.errors import CheckpointError, ConfigError, DataError, StudyError, UsageError
-from ackd_search.models import UnknownModelError
-from ackd_search.searching.record import StudyPaths
+from ackd_search.errors import CheckpointError, ConfigError, DataError, ModelError, StudyError, UsageError, WeightsError
+from ackd_search.searching.confirm import min_seeds
+from ackd_search.searching.confirming import interrupted_here
+from ackd_search.searching.record import StudyPaths, confirm_study_name
 from ackd_search.searching.space import load_space
 from ackd_search.searching.study import open_existing_study, quiet_optuna
 from ackd_search.training import run_training
@@ -29,15 +33,15 @@ from ackd_search.view.report import write_report
 from ackd_search.view.summary import summary
 
 # The errors a user can cause: printed as one line on stderr with exit code 2, never a traceback.
-USER_ERRORS = (ConfigError, DataError, UnknownModelError, StudyError, CheckpointError, UsageError)
+USER_ERRORS = (ConfigError, DataError, ModelError, WeightsError, StudyError, CheckpointError, UsageError)
 
 COMMANDS = {
     "search": "run or resume the study a space file names (the default command)",
     "confirm": "retrain the study's best configurations and the baselines over seeds (resumable)",
     "export": "write the confirmed winner's (or a trial's) run config, at the full budget, for train",
     "train": "train a run config to the end and read the test set once",
-    "report": "print a study's summary: best trials or Pareto front, importances",
-    "dashboard": "serve optuna-dashboard for the study (127.0.0.1:8080)",
+    "report": "print a study's summary and write its plots, confirmation table and trials CSV into a folder",
+    "dashboard": "serve optuna-dashboard for the study and its confirmation (127.0.0.1:8080)",
 }
 DESCRIPTION = ("Search knowledge-distillation configurations (ACKD and KD hyperparameters and the student's\n"
                "auxiliary learners) with Optuna, then export the best one and train it to the end.")
@@ -117,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "name>)")
     t.add_argument("--force", action="store_true",
                    help="train again from scratch when --output-dir already holds a finished run")
+    t.add_argument("--epochs", type=POSITIVE_INT,
+                   help="the budget, >= 1, instead of the config's optim.epochs (the lr schedule scales with it)")
     r = sub.add_parser("report", help=COMMANDS["report"], description=COMMANDS["report"])
     r.add_argument("--space", required=True, help="the space file the study was created from")
     r.add_argument("--storage", help="SQLAlchemy URL overriding study.storage")
@@ -148,14 +154,27 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-# What an interruption leaves, per command. Said without knowing where it struck (the search may have been reading
-# data or training the teacher, with no trial running).
+# What an interruption leaves, per command, when no trial was running (data read, teacher trained, between trials).
 INTERRUPTED = {
-    "confirm": "the running confirmation trial is recorded as FAIL (interrupted); `confirm` again resumes it",
-    "search": "a trial that was running is recorded as FAIL (interrupted); run the same command again to resume "
-              "(it re-runs such a trial from its last epoch checkpoint)",
+    "confirm": "no confirmation run was running; `confirm` again resumes the confirmation",
+    "search": "no trial was running; run the same command again to go on",
     "train": "run the same command again to resume from the last epoch checkpoint",
 }
+
+
+def interruption(args: argparse.Namespace) -> str:
+    """What this interruption left behind, naming the trials it stopped (read back from the study)."""
+    if args.command not in ("search", "confirm"):
+        return INTERRUPTED.get(args.command, "stopped before finishing")
+    try:
+        stopped = interrupted_here(load_space(args.space), args.storage)
+    except Exception:  # the study is not reachable: say what the command leaves in general
+        stopped = None
+    if not stopped:
+        return INTERRUPTED[args.command] if stopped is not None else "stopped; run the same command again to go on"
+    again = "`confirm`" if args.command == "confirm" else "the same command"
+    return (f"{', '.join(stopped)} recorded as FAIL (interrupted); {again} again re-runs "
+            f"{'it' if len(stopped) == 1 else 'them'} from the last epoch checkpoint")
 
 
 def _stop_on_signal(signum, frame):
@@ -179,22 +198,25 @@ def cmd_search(args) -> int:
         study = run_search(space, args.n_trials, args.timeout, args.storage, seed_offset=args.seed_offset,
                            tag=args.worker_tag, requeue=not args.no_requeue, confirm=not args.no_confirm)
     if not args.worker_tag:  # a local worker: its parent prints the one summary
-        print(summary(study))
+        print(summary(study, space))
     return 0
 
 
 def cmd_export(args) -> int:
     space = load_space(args.space)
     study = open_existing_study(space, args.storage)
-    trial = select_trial(study, args.trial)
+    chosen = select_trial(study, args.trial, StudyPaths.for_space(space), min_seeds(space))
     out = Path(args.out or f"studies/{space.study.name}-best.yaml")
-    cfg = write_export(space, study, trial, out, args.epochs, force=args.force)
-    print(f"wrote {out}: {describe(trial)}, {cfg.optim.epochs} epochs, distill.method {cfg.distill.method}")
+    cfg = write_export(space, study, chosen.trial, out, args.epochs, force=args.force)
+    print(f"exporting {chosen.why}")
+    print(f"wrote {out}: {describe(chosen.trial)}, {cfg.optim.epochs} epochs, distill.method {cfg.distill.method}")
     return 0
 
 
 def cmd_train(args) -> int:
     cfg = load_run_config(args.config)
+    if args.epochs is not None:
+        cfg.optim.epochs = args.epochs  # the schedule scales with it (milestones are in recipe epochs)
     cfg.output_dir = args.output_dir or cfg.output_dir or f"studies/final/{Path(args.config).stem}"
     cfg.eval_test = True
     _refuse_or_clear_finished_run(Path(cfg.output_dir), args.force)
@@ -233,29 +255,49 @@ def _refuse_or_clear_finished_run(run_dir: Path, force: bool) -> None:
 def cmd_report(args) -> int:
     space = load_space(args.space)
     study = open_existing_study(space, args.storage)
-    print(summary(study))
-    written = write_report(study, Path(args.out or f"studies/{space.study.name}-report"))
+    print(summary(study, space))
+    written = write_report(study, Path(args.out or f"studies/{space.study.name}-report"), space=space)
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
 
 
 def cmd_confirm(args) -> int:
-    print(summary(confirm_study(load_space(args.space), args.storage)))
+    space = load_space(args.space)
+    print(summary(confirm_study(space, args.storage), space))
     return 0
+
+
+def _check_port(host: str, port: int) -> None:
+    """A port another program listens on is one line, with a free one to use instead."""
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, port))
+            return
+        except OSError as err:
+            reason = err.strerror or str(err)
+    with socket.socket() as free:
+        free.bind((host, 0))
+        other = free.getsockname()[1]
+    raise UsageError(f"dashboard: cannot serve on {host}:{port} ({reason}); allowed: a free --port, "
+                     f"e.g. --port {other}")
 
 
 def cmd_dashboard(args) -> int:
     space = load_space(args.space)
     url = args.storage or space.storage_url
-    open_existing_study(space, url)  # a study that is not there is reported, not created empty by the dashboard
+    study = open_existing_study(space, url)  # a study that is not there is reported, not created empty
     artifacts = StudyPaths.for_space(space).artifacts
     artifacts.mkdir(parents=True, exist_ok=True)
-    # The dashboard installed beside this Python, so it works without activating the virtual environment.
-    exe = Path(sys.executable).parent / "optuna-dashboard"
-    cmd = [str(exe) if exe.exists() else "optuna-dashboard", "--host", args.host, "--port", str(args.port),
-           "--artifact-dir", str(artifacts), url]
-    print(f"serving {space.study.name!r} on http://{args.host}:{args.port}/ (Ctrl-C stops)", flush=True)
-    os.execvp(cmd[0], cmd)
+    _check_port(args.host, args.port)
+    print(f"serving {space.study.name!r} (and {confirm_study_name(space.study.name)!r}, its confirmation) on "
+          f"http://{args.host}:{args.port}/ (Ctrl-C stops)", flush=True)
+    # In this process, not as a command: the storage URL, password included, stays off every command line.
+    try:
+        run_server(study._storage, host=args.host, port=args.port,
+                   artifact_store=FileSystemArtifactStore(str(artifacts)))
+    except KeyboardInterrupt:  # Ctrl-C is how a dashboard stops
+        print("dashboard stopped", file=sys.stderr)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -281,7 +323,7 @@ def _run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         if not end_live_lines() and sys.stderr.isatty():
             print(file=sys.stderr)  # end the live progress line this message would otherwise be glued to
-        print(f"interrupted: {INTERRUPTED.get(args.command, 'stopped before finishing')}", file=sys.stderr)
+        print(f"interrupted: {interruption(args)}", file=sys.stderr)
         return 130
 
 

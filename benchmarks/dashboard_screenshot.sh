@@ -15,7 +15,7 @@ server=$!
 trap 'kill "$server" 2>/dev/null || true' EXIT
 for _ in $(seq 1 50); do curl -sf "http://127.0.0.1:$port/api/studies" > /dev/null && break; sleep 0.2; done
 shoot() {  # name url
-    chromium --headless --no-sandbox --disable-gpu --user-data-dir="$(mktemp -d)" --virtual-time-budget=8000 \
+    chromium --headless --no-sandbox --disable-gpu --disable-quic --no-first-run --disable-background-networking --disable-component-update --disable-sync --user-data-dir="$(mktemp -d)" --virtual-time-budget=8000 \
         --window-size=1400,1600 --screenshot="$out/$1.png" "$2" > /dev/null 2>&1
     echo "$out/$1.png"
 }

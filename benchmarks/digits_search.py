@@ -28,8 +28,18 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-from ackd_search.searching.compare import confirmed, paired_difference, winner  # noqa: E402
-from ackd_search.searching.record import CONFIRMS, search_trials  # noqa: E402
+from ackd_search.searching.compare import (  # noqa: E402
+    baseline,
+    confirmed,
+    paired_difference,
+    strongest_baseline,
+    winner_of,
+)
+from ackd_search.searching.confirm import confirmation_runs  # noqa: E402
+from ackd_search.searching.confirming import open_confirmation_if_any  # noqa: E402
+from ackd_search.searching.record import StudyPaths, search_trials  # noqa: E402
+from ackd_search.searching.space import load_space  # noqa: E402
+from ackd_search.view.tables import confirmation_table  # noqa: E402
 
 
 def temporary_space(space: Path, tmp: Path, reuse_teacher: bool) -> tuple[Path, str, str]:
@@ -76,25 +86,28 @@ def difference(a, b) -> dict | None:
     d = paired_difference(a, b)
     if d is None:
         return None
-    return {"mean": clean(d.mean), "low": clean(d.low), "high": clean(d.high), "n": d.n, "separable": bool(d.separable)}
+    return {"mean": clean(d.mean), "low": clean(d.low), "high": clean(d.high), "n_seeds": d.n_seeds,
+            "n_images": d.n_images, "method": d.method, "separable": bool(d.separable)}
 
 
-def confirmation_rows(study: optuna.Study) -> list[dict]:
-    results = confirmed(study)
-    kd = next((c for c in results if c.source == "preset:kd"), None)
-    ref = next((c for c in results if c.source == "preset:reference"), None)
+def confirmation_rows(results: list) -> list[dict]:
+    kd, ref = baseline(results, "kd"), baseline(results, "reference")
+    strongest = strongest_baseline(results, other_than=winner_of(results))
     return [{"label": c.label, "method": c.method, "source": c.source, "n": len(c.by_seed),
              "mean": round(c.mean, 3), "std": None if math.isnan(c.std) else round(c.std, 3),
              "by_seed": {str(s): round(v, 3) for s, v in sorted(c.by_seed.items())},
-             "vs_kd": difference(c, kd), "vs_reference": difference(c, ref)} for c in results]
+             "vs_kd": difference(c, kd), "vs_strongest_baseline": difference(c, strongest),
+             "strongest_baseline": strongest.label if strongest else None,
+             "vs_reference": difference(c, ref)} for c in results]
 
 
 def summarise(study: optuna.Study, wall_s: float, code: int, lines: list[str], args, space: Path) -> dict:
-    trials = study.get_trials(deepcopy=False)
-    search = [t for t in trials if CONFIRMS not in t.user_attrs]
-    confirm = [t for t in trials if CONFIRMS in t.user_attrs]
+    paths = StudyPaths.for_space(load_space(space))
+    search = study.get_trials(deepcopy=False)
+    confirm = confirmation_runs(study, open_confirmation_if_any(study))
+    results = confirmed(confirm, paths)
     best = search_trials(study)
-    top = winner(study)
+    top = winner_of(results)
     return {
         "command": f"python search.py --space {args.space}",
         "space": str(args.space),
@@ -106,7 +119,8 @@ def summarise(study: optuna.Study, wall_s: float, code: int, lines: list[str], a
         "best_search_trial": ({"number": best[0].number, "val_acc": round(best[0].values[0], 3),
                                "preset": best[0].user_attrs.get("preset"), "params": best[0].params}
                               if best else None),
-        "confirmation": confirmation_rows(study),
+        "confirmation": confirmation_rows(results),
+        "confirmation_table": confirmation_table(results),
         "winner": None if top is None else {"label": top.label, "mean": round(top.mean, 3), "n": len(top.by_seed)},
         "terminal_output": lines,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
@@ -124,18 +138,8 @@ def table(result: dict) -> str:
              "search trials: " + ", ".join(f"{k.lower()} {v}" for k, v in s.items()),
              "confirmation runs: " + (", ".join(f"{k.lower()} {v}" for k, v in c.items()) or "none"),
              f"best search trial: #{best['number']} val_acc {best['val_acc']:.2f}" if best else "no complete trial",
-             "", f"{'configuration':<20} {'n':>2} {'mean':>7} {'std':>6}  {'vs KD':<24} {'vs reference':<24}"]
-    for row in result["confirmation"]:
-        std = f"{row['std']:6.2f}" if row["std"] is not None else "     -"
-        lines.append(f"{row['label']:<20} {row['n']:>2} {row['mean']:7.2f} {std}  {_diff(row['vs_kd']):<24} "
-                     f"{_diff(row['vs_reference']):<24}")
+             "", *result["confirmation_table"]]
     return "\n".join(lines)
-
-
-def _diff(d: dict | None) -> str:
-    if d is None:
-        return "-"
-    return f"{d['mean']:+.2f}" + (f" [{d['low']:+.2f}, {d['high']:+.2f}]" if d["low"] is not None else "")
 
 
 def main() -> int:

@@ -21,6 +21,8 @@ from ackd_search.data import get_splits
 from ackd_search.files import sha256_file
 from ackd_search.models import create_model
 from ackd_search.searching.confirm import enqueue_confirmation
+from ackd_search.searching.confirming import open_confirmation
+from ackd_search.searching.record import StudyPaths
 from ackd_search.searching.space import load_space
 from ackd_search.searching.study import open_existing_study, quiet_optuna
 from ackd_search.training import teachers
@@ -66,7 +68,7 @@ def test_the_old_study_reports_and_exports_its_confirmed_winner(before: Path, ca
     assert "winner: #0" in out and (before / "report" / "trials.csv").is_file()
     space = load_space("before.yaml")
     study = open_existing_study(space)
-    trial = select_trial(study)
+    trial = select_trial(study, paths=StudyPaths.for_space(space)).trial
     assert trial.number == 0  # the confirmed winner, as the old version exported it
     exported_then = load_run_config("before-best.yaml")
     assert to_dict(export_config(space, trial, study=study)) == to_dict(exported_then)
@@ -76,8 +78,9 @@ def test_the_old_confirmation_runs_still_cover_their_configurations(before: Path
     """Fields added since 0.1.0 do not change a configuration's key: only the baseline added since (DKD) is new."""
     space = load_space("before.yaml")
     study = open_existing_study(space)
-    assert enqueue_confirmation(space, study, log=lambda _: None) == 2  # dkd x 2 seeds
-    queued = [t for t in study.get_trials(deepcopy=False) if t.state.name == "WAITING"]
+    confirm = open_confirmation(space, study)  # new runs go to the sibling study; the old ones still count
+    assert enqueue_confirmation(space, study, confirm, log=lambda _: None) == 2  # dkd x 2 seeds
+    queued = [t for t in confirm.get_trials(deepcopy=False) if t.state.name == "WAITING"]
     assert {t.user_attrs["confirms"] for t in queued} == {"dkd"}
 
 

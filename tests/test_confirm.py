@@ -1,21 +1,23 @@
-"""Confirmation over seeds and a fair search: the right configurations retrained with the right seeds, resumed
-after an interruption, the winner chosen by its mean with honest intervals; distinct sampler seeds per process;
-presets that survive the creation race."""
+"""Confirmation over seeds and a fair search: the right configurations retrained with the right seeds in a sibling
+study, resumed after an interruption, the winner chosen by its mean with intervals over seeds and validation images;
+distinct sampler seeds per process; presets that survive the creation race."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pytest
 from optuna.trial import TrialState, create_trial
 from tiny_space import interrupted_at_epoch, tiny_space, write
 
 from ackd_search.backends.local import confirm_study, run_search
-from ackd_search.searching.compare import Confirmed, paired_difference, winner, winner_config
-from ackd_search.searching.confirm import config_key, preset_config
-from ackd_search.searching.record import CONFIRMS
+from ackd_search.searching.compare import Confirmed, confirmed, paired_difference, winner_of
+from ackd_search.searching.confirm import config_key, confirmation_runs, preset_config, source_config
+from ackd_search.searching.confirming import open_confirmation_if_any
+from ackd_search.searching.record import CONFIRMS, StudyPaths
 from ackd_search.searching.space import load_space
 from ackd_search.searching.storage import make_storage
 from ackd_search.searching.study import enqueue_presets, open_study, quiet_optuna
@@ -45,7 +47,9 @@ def stored_config(space, trial) -> dict:
 
 
 def confirmations(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    return [t for t in study.get_trials(deepcopy=False) if CONFIRMS in t.user_attrs]
+    """The confirmation runs of a search study: in its sibling `<study>-confirm`, none among its own trials."""
+    assert not any(CONFIRMS in t.user_attrs for t in study.get_trials(deepcopy=False))
+    return confirmation_runs(study, open_confirmation_if_any(study))
 
 
 def test_confirmation_retrains_presets_and_the_best_with_fresh_seeds(tmp_path: Path, teacher_cache: Path) -> None:
@@ -78,8 +82,11 @@ def test_confirmation_retrains_presets_and_the_best_with_fresh_seeds(tmp_path: P
     assert got == expected
     # Confirmation runs are never pruned nor used to prune, and the summary ends with the table.
     assert all("prune_reason" not in t.user_attrs for t in runs)
-    table = "\n".join(confirmation_table(study))
-    assert "vs KD" in table and "winner:" in table
+    assert all(t.user_attrs["val_images"] == 80 for t in runs)  # each stored its per-image record
+    table = "\n".join(confirmation_table(confirmed(runs, StudyPaths.for_space(space))))
+    assert "vs kd" in table and "winner:" in table and "one validation image = 1.25 points" in table
+    # The dashboard's study page: the search study's attributes state the confirmed winner beside its Best Trial.
+    assert study.user_attrs["confirmed winner"].startswith("winner: ")
 
 
 def test_an_interrupted_confirmation_resumes_with_its_labels(tmp_path: Path, teacher_cache: Path,
@@ -98,51 +105,84 @@ def test_an_interrupted_confirmation_resumes_with_its_labels(tmp_path: Path, tea
     resumed = next(t for t in done if t.user_attrs.get("retry_of") == interrupted[0].number)
     assert resumed.user_attrs[CONFIRMS] == interrupted[0].user_attrs[CONFIRMS]
     assert resumed.user_attrs["resumed_from_epoch"] == 2  # from its checkpoint, not from scratch
-    assert confirm_study(space).trials[-1].number == study.trials[-1].number  # nothing left to run
+    before = len(confirmations(study))
+    confirm_study(space)
+    assert len(confirmations(study)) == before  # nothing left to run, no trial created
 
 
-def _confirmed_trial(label: str, source: str, seed: int, value: float):
-    return create_trial(value=value, params={}, distributions={}, user_attrs={
-        CONFIRMS: label, "confirm_key": label, "confirm_seed": seed, "confirm_epochs": 2, "confirm_source": source})
+def confirmed_config(label: str, source: str, correct: list[np.ndarray]) -> Confirmed:
+    """A configuration confirmed over len(correct) seeds with these per-image records (True: image right)."""
+    by_seed = {seed: 100.0 * right.mean() for seed, right in enumerate(correct, start=1)}
+    return Confirmed(label, "kd", label, source, by_seed, dict(enumerate(correct, start=1)),
+                     n_images=len(correct[0]))
 
 
-def test_winner_is_the_best_mean_and_intervals_are_paired() -> None:
-    study = optuna.create_study(direction="maximize")
-    values = {"kd": [90.0, 91.0, 92.0], "reference": [91.0, 91.5, 92.5], "#7": [93.0, 92.0, 95.0]}
-    for label, vals in values.items():
-        source = f"preset:{label}" if label in ("kd", "reference") else "trial:7"
-        for seed, v in enumerate(vals, start=1):
-            study.add_trial(_confirmed_trial(label, source, seed, v))
-    best = winner(study)
-    assert best.label == "#7" and best.mean == pytest.approx(280 / 3)
-    kd = Confirmed("kd", "kd", "kd", "preset:kd", {1: 90.0, 2: 91.0, 3: 92.0})
-    diff = paired_difference(best, kd)
-    assert diff.mean == pytest.approx(2.333333, abs=1e-5)
-    # paired differences 3, 1, 3: sd 1.1547, t(0.975, 2) = 4.3027 -> half width 2.8684
-    assert diff.low == pytest.approx(2.333333 - 2.8684, abs=1e-3) and not diff.separable
-    text = "\n".join(confirmation_table(study))
-    assert "winner: #7" in text and "NOT separable from KD" in text
+def records(n_images: int, accuracy: float, seeds: int, rng: np.random.Generator) -> list[np.ndarray]:
+    return [rng.random(n_images) < accuracy for _ in range(seeds)]
 
 
-def test_a_clear_winner_is_reported_as_separable() -> None:
-    study = optuna.create_study(direction="maximize")
-    for seed, (kd, best) in enumerate([(90.0, 95.0), (91.0, 96.2), (92.0, 96.8)], start=1):
-        study.add_trial(_confirmed_trial("kd", "preset:kd", seed, kd))
-        study.add_trial(_confirmed_trial("#3", "trial:3", seed, best))
-    text = "\n".join(confirmation_table(study))
-    assert "above KD by +5.00" in text and "NOT separable" not in text
+def test_one_image_ahead_on_every_seed_is_not_separable_and_no_interval_is_zero_width() -> None:
+    """The issue's digits table: 288 images, KD exactly one image ahead of reference on each of 3 seeds."""
+    rng = np.random.default_rng(0)
+    reference = records(288, 0.96, 3, rng)
+    kd = []
+    for right in reference:
+        ahead = right.copy()
+        wrong = np.flatnonzero(~ahead)
+        ahead[wrong[:10]] = True  # KD right where reference is wrong on 10 images...
+        ahead[np.flatnonzero(right)[:9]] = False  # ...and wrong where it is right on 9: one image ahead
+        kd.append(ahead)
+    results = [confirmed_config("kd", "preset:kd", kd), confirmed_config("reference", "preset:reference", reference)]
+    diff = paired_difference(results[0], results[1])
+    assert diff.mean == pytest.approx(100 / 288) and diff.low <= 0 <= diff.high and not diff.separable
+    assert diff.width > 0
+    same = paired_difference(results[1], results[1])
+    assert same.width > 0 and not same.separable
+    text = "\n".join(confirmation_table(sorted(results, key=lambda c: -c.mean)))
+    assert "NOT separable from reference" in text and "one validation image = 0.35 points" in text
 
 
-def test_winner_config_is_the_confirmed_configuration(tmp_path: Path) -> None:
+def test_a_clearly_better_configuration_is_separable_from_the_strongest_baseline() -> None:
+    rng = np.random.default_rng(1)
+    base = records(1000, 0.80, 3, rng)
+    better = []
+    for right in base:
+        up = right.copy()
+        up[np.flatnonzero(~right)[:60]] = True  # 6 points better on every seed, on the same images
+        better.append(up)
+    results = sorted([confirmed_config("kd", "preset:kd", base), confirmed_config("dkd", "preset:dkd", base),
+                      confirmed_config("#3", "trial:3", better)], key=lambda c: -c.mean)
+    best = winner_of(results)
+    assert best.label == "#3"
+    text = "\n".join(confirmation_table(results))
+    assert "above kd (the strongest baseline) by +6.00" in text or "above dkd (the strongest baseline) by +6.00" in text
+
+
+def test_the_winner_is_the_best_mean_and_its_config_the_confirmed_one(tmp_path: Path) -> None:
     space = load_space(write(tmp_path / "s.yaml", tiny_space(tmp_path)))
-    study = optuna.create_study(direction="maximize")
-    for seed, (kd, ref) in enumerate([(90.0, 95.0), (91.0, 96.0)], start=1):
-        study.add_trial(_confirmed_trial("kd", "preset:kd", seed, kd))
-        study.add_trial(_confirmed_trial("reference", "preset:reference", seed, ref))
-    best, cfg = winner_config(space, study)
+    rng = np.random.default_rng(2)
+    results = sorted([confirmed_config("kd", "preset:kd", records(500, 0.90, 2, rng)),
+                      confirmed_config("reference", "preset:reference", records(500, 0.95, 2, rng))],
+                     key=lambda c: -c.mean)
+    best = winner_of(results)
+    cfg = source_config(space, optuna.create_study(), best.source)
     assert best.label == "reference" and cfg.distill.method == "ackd"
     assert config_key(cfg) == config_key(preset_config(space, "reference"))
     assert config_key(preset_config(space, "kd")) != config_key(preset_config(space, "student"))
+
+
+def test_runs_without_per_image_records_get_an_interval_floored_by_image_noise() -> None:
+    """Studies made before the records existed: seed values only, the split's size read from the values."""
+    trials = []
+    for label, values in {"kd": [90.0, 91.0, 92.0], "#7": [93.0, 92.0, 95.0]}.items():
+        for seed, value in enumerate(values, start=1):
+            trials.append(create_trial(value=value, params={}, distributions={}, user_attrs={
+                CONFIRMS: label, "confirm_key": label, "confirm_seed": seed, "confirm_epochs": 2,
+                "confirm_source": "preset:kd" if label == "kd" else "trial:7"}))
+    results = confirmed(trials)
+    assert [c.label for c in results] == ["#7", "kd"] and results[0].n_images == 100
+    diff = paired_difference(results[0], results[1])
+    assert diff.method.startswith("t") and diff.width > 0 and not diff.separable
 
 
 def test_processes_joining_a_study_never_propose_the_same_parameters(tmp_path: Path) -> None:
@@ -173,14 +213,13 @@ def test_presets_survive_a_trial_created_before_they_are_queued(tmp_path: Path) 
 
 
 def test_a_preset_winner_is_not_compared_with_itself() -> None:
-    study = optuna.create_study(direction="maximize")
-    for seed, (kd, ref) in enumerate([(96.0, 95.0), (96.5, 95.2), (97.0, 95.1)], start=1):
-        study.add_trial(_confirmed_trial("kd", "preset:kd", seed, kd))
-        study.add_trial(_confirmed_trial("reference", "preset:reference", seed, ref))
-    text = "\n".join(confirmation_table(study))
-    winner_line = text.splitlines()[-1]
-    assert winner_line.startswith("winner: kd") and "from KD" not in winner_line and "KD by" not in winner_line
-    assert "above reference by +1.40" in winner_line
+    rng = np.random.default_rng(3)
+    results = sorted([confirmed_config("kd", "preset:kd", records(2000, 0.97, 3, rng)),
+                      confirmed_config("reference", "preset:reference", records(2000, 0.90, 3, rng))],
+                     key=lambda c: -c.mean)
+    line = confirmation_table(results)[-1]
+    assert line.startswith("winner: kd") and "from kd" not in line and "kd by" not in line
+    assert "above reference by" in line
 
 
 def test_the_reference_preset_trial_is_folded_into_the_reference_baseline(tmp_path: Path) -> None:

@@ -203,11 +203,11 @@ def test_export_picks_the_confirmed_winner_never_a_lucky_confirmation_run(made) 
     space, study, _, _ = made
     told(study, space, 99.0)  # trial 2: the best single-seed search trial
     confirmation(study, space, "#2", "trial:2", 1, 100.0)  # one seed so far: no winner yet
-    assert select_trial(study).number == 2  # not the confirmation run's 100
+    assert select_trial(study).trial.number == 2  # not the confirmation run's 100
     confirmation(study, space, "#2", "trial:2", 2, 80.0)
-    assert select_trial(study).number == 2  # the winner confirms trial 2 (mean 90)
+    assert select_trial(study).trial.number == 2  # the winner confirms trial 2 (mean 90)
     for seed, value in ((2, 97.0), (1, 96.0)):
         confirmation(study, space, "kd", "preset:kd", seed, value)
-    chosen = select_trial(study)  # kd wins (mean 96.5): its confirmation run with the lowest seed
+    chosen = select_trial(study).trial  # kd wins (mean 96.5): its confirmation run with the lowest seed
     assert chosen.user_attrs[CONFIRMS] == "kd" and chosen.user_attrs["confirm_seed"] == 1
     assert export_config(space, chosen, study=study).seed == 1

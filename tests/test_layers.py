@@ -9,8 +9,8 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "ackd_search"
 # Bottom to top. A module may import its own layer (no circle) and those below it, never one above.
 LAYERS = [
-    ("core", ["ackd_search.errors", "ackd_search.files", "ackd_search.models", "ackd_search.config",
-              "ackd_search.data", "ackd_search.distill"]),
+    ("core", ["ackd_search.errors", "ackd_search.files", "ackd_search.notices", "ackd_search.models",
+              "ackd_search.config", "ackd_search.data", "ackd_search.distill"]),
     ("train", ["ackd_search.training"]),
     ("search", ["ackd_search.searching"]),
     ("view", ["ackd_search.view"]),

@@ -18,7 +18,8 @@ from tiny_space import tiny_space, write
 
 from ackd_search.backends.local import run_search
 from ackd_search.cli import main
-from ackd_search.searching.record import search_trials
+from ackd_search.searching.confirming import open_confirmation_if_any
+from ackd_search.searching.record import StudyPaths, search_trials
 from ackd_search.searching.space import load_space
 from ackd_search.searching.study import quiet_optuna
 from ackd_search.view.notes import annotate_study
@@ -42,7 +43,8 @@ def test_report_writes_plots_tables_and_a_csv_row_per_trial(finished, tmp_path: 
     _, study, _ = finished
     written = write_report(study, tmp_path / "out", log=lambda text: None)
     names = {p.name for p in written}
-    assert {"trials.csv", "summary.txt", "confirmation.md", "history.png", "importances.png"} <= names
+    assert {"trials.csv", "summary.txt", "confirmation.md", "confirmation.png", "history.png",
+            "importances.png"} <= names
     assert "pareto.png" not in names  # one objective
     assert all(p.is_file() and p.stat().st_size > 0 for p in written)
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in written if p.suffix == ".png")
@@ -84,10 +86,12 @@ def test_the_search_printed_plain_lines_with_k_of_n_and_labelled_confirmations(f
 
 
 def test_the_study_note_tells_search_trials_from_confirmation_runs(finished) -> None:
-    _, study, _ = finished
-    annotate_study(study)
+    space_file, study, _ = finished
+    annotate_study(study, open_confirmation_if_any(study), StudyPaths.for_space(load_space(space_file)))
     note = get_note(study)
-    assert f"Best search trial: **#{search_trials(study)[0].number}**" in note and "confirmation over seeds" in note
+    assert note.startswith(f"### {study.study_name}\n\n**Confirmed winner: ")  # the answer first
+    assert f"Best search trial (one seed): #{search_trials(study)[0].number}" in note
+    assert "confirmation over seeds" in note and f"study `{study.study_name}-confirm`" in note
 
 
 def test_a_two_objective_study_gets_its_pareto_front_named_by_its_metrics(tmp_path: Path) -> None:

@@ -1,11 +1,13 @@
-"""Confirmation: the search's best distinct configurations and the baselines (student alone, KD, `reference`)
-retrained with fresh seeds, as trials of the same study, and the winner chosen by the mean over those seeds.
+"""Confirmation: the search's best distinct configurations and the baselines (student alone, KD, DKD, `reference`)
+retrained with fresh seeds, and the winner chosen by the mean over those seeds.
 
 A single-seed short run often picks noise. Each candidate is trained again with `study.confirm.seeds` seeds that
 no search trial used (the same seeds for every candidate, so differences are paired by seed), for
-`study.confirm.epochs` epochs (default: the trial budget). They are ordinary trials tagged `confirms`, so they
-resume after a crash, show in the dashboard, and are never pruned nor used to prune. Their results are read by
-`compare.py`."""
+`study.confirm.epochs` epochs (default: the trial budget). The runs are trials of a sibling study,
+`<study>-confirm`, tagged `confirms`: they resume after a crash and are never pruned, and the search study holds only
+search points, so the dashboard's best trial, history and importances are the search's own. Studies made before the
+sibling existed kept their runs in the search study: those still count (`confirmation_runs`). Their results are
+read by `compare.py`."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import optuna
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from ackd_search.config import RunConfig, from_dict, get_path, set_path, to_dict
 from ackd_search.searching.record import CONFIRMS, is_interrupted, search_trials
@@ -77,9 +79,9 @@ def source_config(space: Space, study: optuna.Study, source: str) -> RunConfig:
     return space.run_config(trial.params)
 
 
-def confirmation_config(space: Space, study: optuna.Study, attrs: dict[str, Any]) -> RunConfig:
-    """The run config of a confirmation trial, from its user attributes."""
-    cfg = source_config(space, study, attrs["confirm_source"])
+def confirmation_config(space: Space, search: optuna.Study, attrs: dict[str, Any]) -> RunConfig:
+    """The run config of a confirmation trial, from its user attributes (`trial:N` is trial N of the search)."""
+    cfg = source_config(space, search, attrs["confirm_source"])
     cfg.seed = int(attrs["confirm_seed"])
     cfg.optim.epochs = int(attrs["confirm_epochs"])
     return cfg
@@ -150,34 +152,45 @@ def confirm_epochs(space: Space, plan: ConfirmPlan) -> int:
     return plan.epochs or space.run_config(space.default_values()).optim.epochs
 
 
-def _covered(study: optuna.Study) -> set[tuple[str, int]]:
+def confirmation_runs(search: optuna.Study, confirm: optuna.Study | None) -> list[FrozenTrial]:
+    """Every confirmation run: the sibling study's, and those an older study kept among its own trials."""
+    legacy = [t for t in search.get_trials(deepcopy=False) if CONFIRMS in t.user_attrs]
+    return legacy + ([t for t in confirm.get_trials(deepcopy=False) if CONFIRMS in t.user_attrs] if confirm else [])
+
+
+def covered(runs: list[FrozenTrial]) -> set[tuple[str, int]]:
     """(config key, seed) pairs that have a confirmation run that is done, queued, running, or was re-queued."""
-    covered = set()
-    for t in study.get_trials(deepcopy=False):
-        if CONFIRMS in t.user_attrs and not is_interrupted(t):
-            covered.add((t.user_attrs["confirm_key"], int(t.user_attrs["confirm_seed"])))
-    return covered
+    return {(t.user_attrs["confirm_key"], int(t.user_attrs["confirm_seed"])) for t in runs if not is_interrupted(t)}
 
 
-def enqueue_confirmation(space: Space, study: optuna.Study, log: Callable[[str], None] = print) -> int:
-    """Queue the confirmation runs still missing; returns how many were queued."""
+def enqueue_confirmation(space: Space, search: optuna.Study, confirm: optuna.Study,
+                         log: Callable[[str], None] = print) -> int:
+    """Queue into `confirm` the confirmation runs still missing; returns how many were queued. Callers hold the
+    study's confirmation lock, so processes starting at once queue each run once."""
     plan = plan_settings(space)
     if plan.seeds < 1 or (plan.top_k < 1 and not plan.presets):
         return 0
-    covered, epochs, queued = _covered(study), confirm_epochs(space, plan), 0
-    chosen = candidates(space, study, plan)
+    done, epochs, queued = covered(confirmation_runs(search, confirm)), confirm_epochs(space, plan), 0
+    chosen = candidates(space, search, plan)
     for cand in chosen:
         for seed in confirm_seeds(space, plan):
-            if (cand.key, seed) in covered:
+            if (cand.key, seed) in done:
                 continue
             attrs = {CONFIRMS: cand.label, "confirm_key": cand.key, "confirm_seed": seed, "confirm_epochs": epochs,
-                     "confirm_source": cand.source}
-            study.enqueue_trial({}, user_attrs=attrs)
+                     "confirm_source": cand.source, "method": cand.method}
+            confirm.enqueue_trial({}, user_attrs=attrs)
             queued += 1
     log(f"confirmation: {len(chosen)} configurations ({', '.join(c.label for c in chosen)}) x "
-        f"{plan.seeds} seeds {confirm_seeds(space, plan)}, {epochs} epochs: {queued} runs queued")
+        f"{plan.seeds} seeds {confirm_seeds(space, plan)}, {epochs} epochs: {queued} runs queued in study "
+        f"{confirm.study_name!r}")
     return queued
 
 
-def waiting_confirmations(study: optuna.Study) -> int:
-    return sum(CONFIRMS in t.user_attrs for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+def waiting_confirmations(confirm: optuna.Study) -> int:
+    return sum(CONFIRMS in t.user_attrs for t in confirm.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+
+
+def min_seeds(space: Space) -> int:
+    """Seeds a configuration needs before it can win: 2, or 1 when the space confirms with one seed (its interval
+    then covers the validation images only)."""
+    return min(2, plan_settings(space).seeds)

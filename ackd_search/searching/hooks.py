@@ -32,8 +32,8 @@ class SearchHooks:
                        run_dir: Path, paths: StudyPaths) -> None:
         """The trial's curve and config are stored: the moment for its dashboard note."""
 
-    def confirmation_done(self, study: optuna.Study) -> None:
-        """The confirmation runs are all finished."""
+    def confirmation_done(self, search: optuna.Study, confirm: optuna.Study) -> None:
+        """The confirmation runs (trials of `confirm`, the sibling of `search`) are all finished."""
 
     def teacher_progress(self, description: str, epochs: int) -> Reporter | None:
         """A reporter for the teacher's training epochs, or None to train it silently."""

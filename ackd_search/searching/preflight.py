@@ -7,7 +7,11 @@ from collections.abc import Callable
 
 from ackd_search.config import ConfigError
 from ackd_search.data import DataSplits, get_splits
+from ackd_search.errors import CheckpointError, ModelError, WeightsError
+from ackd_search.models import initial_model
+from ackd_search.searching.confirm import plan_settings
 from ackd_search.searching.space import Space
+from ackd_search.searching.stats import separability_warning
 from ackd_search.training import resolve_device
 from ackd_search.training.teachers import ProgressFactory, cache_entry, get_teacher, read_manifest
 
@@ -33,6 +37,15 @@ def preflight(space: Space, log: Callable[[str], None] = print, progress: Progre
         raise ConfigError([f"{space.source}: run.device: {err}"]) from None
     splits = get_splits(cfg.data)
     log(describe_data(splits))
+    if cfg.student_init or cfg.student_pretrained:  # a missing or unfit file fails here once, not in every trial
+        try:
+            initial_model(cfg.student, splits.num_classes, splits.in_channels, cfg.student_init,
+                          cfg.student_pretrained)
+        except (WeightsError, ModelError) as err:
+            raise CheckpointError(f"run.student_init: {err}") from None
+    warning = separability_warning(len(splits.val), plan_settings(space).seeds, val_fraction=cfg.data.val_fraction)
+    if warning:
+        log(f"note: {warning}; the confirmation will say which gaps it could not separate")
     if space.methods() == ["student"]:
         return
     if not cfg.teacher.checkpoint and read_manifest(cache_entry(cfg)) is None:

@@ -20,6 +20,9 @@ CONFIG_ARTIFACT_ATTR = "config_artifact_id"  # user attribute: the id of the tri
 REQUEUE_KEEPS = ("preset", "preset_sampled", CONFIRMS, "confirm_key", "confirm_seed", "confirm_epochs",
                  "confirm_source")
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+CONFIRM_SUFFIX = "-confirm"  # the sibling study holding a search's confirmation runs
+CONFIRMS_STUDY = "confirms_study"  # user attribute of that sibling: the search study it confirms
+WINNER_ATTR = "confirmed winner"  # search study attribute, its first: shown beside the dashboard's Best Trial
 
 
 @dataclass
@@ -39,9 +42,17 @@ class StudyPaths:
         """The paths of a `search.space.Space`'s study (its `study` settings)."""
         return cls.for_study(space.study)
 
+    def for_confirmation(self) -> StudyPaths:
+        """The confirmation runs' folders (their trial numbers are the sibling study's) and the same artifacts."""
+        return StudyPaths(runs=self.runs / "confirm", artifacts=self.artifacts)
+
     def run_dir(self, root_number: int) -> Path:
         """The run folder of trial `root_number` (a re-run trial uses its original's: `root_trial_number`)."""
         return self.runs / f"trial-{root_number:05d}"
+
+
+def confirm_study_name(name: str) -> str:
+    return name + CONFIRM_SUFFIX
 
 
 def is_confirmation(trial: FrozenTrial) -> bool:

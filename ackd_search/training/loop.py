@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -23,10 +23,11 @@ from ackd_search import __version__
 from ackd_search.config import RunConfig, save_run_config, to_dict
 from ackd_search.data import DataSplits, DeviceLoader
 from ackd_search.distill import build_distiller
-from ackd_search.files import save_atomic
-from ackd_search.models import StagedNet, count_flops, count_parameters, initial_model
+from ackd_search.files import save_atomic, write_text_atomic
+from ackd_search.models import StagedNet, count_flops, count_parameters, initial_model, is_zoo_model
+from ackd_search.notices import notice
 from ackd_search.training.captured import CapturedStep, portable_state
-from ackd_search.training.checkpoints import CHECKPOINT, read_checkpoint, write_checkpoint
+from ackd_search.training.checkpoints import CHECKPOINT, owned, owner_token, read_checkpoint, write_checkpoint
 from ackd_search.training.device import autocast_for, describe_device, resolve_device, seed_everything
 from ackd_search.training.sums import EpochSums
 
@@ -55,10 +56,12 @@ class RunResult:
     cuda_graphs: str = "off"  # "captured", "off", or "eager: <why capture was not used>"
     teacher_output_cache: str = "off"  # "used", "off", or "off: <why>" (ackd_search/output_cache.py)
     student_state: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    # Whether the final student classifies each validation image right, in the split's order: what a comparison
+    # of two configurations pairs on, beside their seeds (searching/stats.py).
+    val_correct: np.ndarray | None = field(default=None, repr=False)
 
     def summary(self) -> dict[str, Any]:
-        out = {k: v for k, v in self.__dict__.items() if k != "student_state"}
-        return out
+        return {k: v for k, v in self.__dict__.items() if k not in ("student_state", "val_correct")}
 
 
 @torch.no_grad()
@@ -78,6 +81,19 @@ def evaluate(model: torch.nn.Module, loader: DeviceLoader, autocast) -> tuple[fl
     return 100.0 * correct.item() / n, loss_sum.item() / n
 
 
+@torch.no_grad()
+def correct_per_image(model: torch.nn.Module, loader: DeviceLoader, autocast) -> np.ndarray:
+    """Whether `model` classifies each image of `loader` right (bool, in the loader's order; it must not shuffle)."""
+    was_training = model.training
+    model.eval()
+    right = []
+    for x, y in loader:
+        with autocast():
+            right.append(model(x).argmax(1) == y)
+    model.train(was_training)
+    return torch.cat(right).cpu().numpy() if right else np.zeros(0, dtype=bool)
+
+
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: RunConfig):
     if cfg.optim.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.optim.epochs)
@@ -89,7 +105,7 @@ def build_student(cfg: RunConfig, splits: DataSplits) -> StagedNet:
     student, note = initial_model(cfg.student, splits.num_classes, splits.in_channels, cfg.student_init,
                                   cfg.student_pretrained)
     if note:
-        print(f"ackd-search: {note}", file=sys.stderr, flush=True)
+        notice(note)
     return student
 
 
@@ -143,6 +159,13 @@ class Run:
 
     def _loader(self, split, shuffle: bool) -> DeviceLoader:
         s = self.splits
+        # A last training batch of one image breaks BatchNorm on a 1x1 feature map (library models at small image
+        # sizes): that one image is left out of the epoch, and the run says so. Zoo runs are untouched.
+        lone = shuffle and len(split) % self.cfg.optim.batch_size == 1 and not is_zoo_model(self.cfg.student)
+        if lone:
+            notice(f"the last training batch would hold one image ({len(split)} images, batch "
+                   f"{self.cfg.optim.batch_size}): it is dropped each epoch, as BatchNorm cannot train on one",
+                   once=True)
         return DeviceLoader(
             split,
             batch_size=self.cfg.optim.batch_size if shuffle else max(256, self.cfg.optim.batch_size),
@@ -153,6 +176,7 @@ class Run:
             shuffle=shuffle,
             seed=self.cfg.seed,
             channels_last=self.cfg.channels_last and self.device.type == "cuda",
+            drop_last=lone,
         )
 
     def _engine(self) -> CapturedStep | None:
@@ -162,7 +186,7 @@ class Run:
             return None
         if self.device.type != "cuda":
             self.graphs_status = f"eager: cuda_graphs 'on' needs a CUDA device, this run is on {self.device}"
-            print(f"ackd-search: {self.graphs_status[7:]}; continuing eagerly", file=sys.stderr, flush=True)
+            notice(f"{self.graphs_status[7:]}; continuing eagerly")
             return None
         self.graphs_status = "captured"
         return CapturedStep(self)
@@ -205,14 +229,15 @@ class Run:
         self.start_epoch = int(state["epochs_done"])
 
     # --- the loop ------------------------------------------------------------------------------------------
-    def step(self, x: torch.Tensor, y: torch.Tensor, epoch: int, autocast=None, views: torch.Tensor | None = None,
+    def step(self, x: torch.Tensor, y: torch.Tensor, epoch: int, autocast=None, rows: torch.Tensor | None = None,
              teacher_out: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> None:
         """One training step: the distiller's forward and losses (and its adversary's own step), backward, SGD,
         and the loss terms added to the epoch's on-device sums. No host sync: a CUDA graph captures it whole.
 
-        With the teacher-output cache, the batch's teacher outputs are `teacher_out`, or gathered by `views`."""
-        if teacher_out is None and views is not None and self.teacher_outputs is not None:
-            teacher_out = self.teacher_outputs.gather(views)
+        With the teacher-output cache, the batch's teacher outputs are `teacher_out`, or gathered by `rows` (what
+        `TeacherOutputs.rows` gave for the batch: its view ids, or its positions in the epoch's gathered rows)."""
+        if teacher_out is None and rows is not None and self.teacher_outputs is not None:
+            teacher_out = self.teacher_outputs.gather(rows)
         with (autocast or self.autocast)():
             _, loss, terms = self.distiller.forward_train(x, y, epoch, teacher_out=teacher_out)
         self.optimizer.zero_grad(set_to_none=True)
@@ -233,12 +258,14 @@ class Run:
             self.captured.begin_epoch(epoch)
             step_fn = self.captured.step
         start = time.perf_counter()
-        if self.teacher_outputs is not None:
+        outputs, size = self.teacher_outputs, self.train_loader.batch_size
+        if outputs is not None:
+            outputs.begin_epoch(self.train_loader)  # the epoch's cached rows, gathered once when not on the device
             batches = self.train_loader.iter_views()
         else:
             batches = ((x, y, None) for x, y in self.train_loader)
         for step, (x, y, views) in enumerate(batches):
-            step_fn(x, y, epoch, views=views)
+            step_fn(x, y, epoch, rows=outputs.rows(views, step * size) if outputs is not None else None)
             if step % NONFINITE_CHECK_EVERY == 0 and self.sums.bad.item():
                 raise NonFiniteLossError(f"loss became non-finite at epoch {epoch + 1}, batch {step + 1}")
         if self.sums.bad.item():
@@ -301,10 +328,13 @@ class Run:
             cuda_graphs=self.graphs_status,
             teacher_output_cache=self.output_cache_status,
             student_state=self.distiller.export_student(),
+            val_correct=correct_per_image(student, self.val_loader, self.autocast),
         )
         if self.run_dir:
-            save_atomic(result.student_state, self.run_dir / "student.pt")
-            (self.run_dir / "result.json").write_text(json.dumps(result.summary(), indent=1, default=str))
+            # Atomic (a full disk leaves the previous files whole) and only while this attempt owns the folder.
+            with owned(self.run_dir, owner_token(self.identity)):
+                save_atomic(result.student_state, self.run_dir / "student.pt")
+                write_text_atomic(self.run_dir / "result.json", json.dumps(result.summary(), indent=1, default=str))
         return result
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
@@ -16,7 +17,9 @@ from ackd_search import __version__
 from ackd_search.config import AckdConfig, OptimConfig, RunConfig, from_dict, save_run_config
 from ackd_search.errors import StudyError, UsageError
 from ackd_search.searching.artifacts import stored_config
-from ackd_search.searching.compare import winner
+from ackd_search.searching.compare import Confirmed, winner_of
+from ackd_search.searching.confirm import confirmation_runs
+from ackd_search.searching.confirming import confirmation_results, open_confirmation_if_any
 from ackd_search.searching.params import LEARNER_PARAM
 from ackd_search.searching.record import CONFIRMS, StudyPaths, search_trials
 from ackd_search.searching.space import Space
@@ -30,40 +33,60 @@ def check_same_space(study: optuna.Study, space: Space) -> None:
                          f"{space.source}; export with the original space file")
 
 
-def select_trial(study: optuna.Study, number: int | None = None) -> FrozenTrial:
-    """Trial `number`, else the confirmed winner's trial, else the best search trial (single objective); a Pareto
-    front needs `number`."""
+@dataclass
+class Selection:
+    """The trial `export` writes and why that one (said in one line when it is not the confirmed winner)."""
+
+    trial: FrozenTrial
+    why: str
+
+
+def select_trial(study: optuna.Study, number: int | None = None, paths: StudyPaths | None = None,
+                 min_seeds: int = 2) -> Selection:
+    """Trial `number`, else the confirmed winner's trial, else the best search trial (single objective), each with
+    why it was chosen; a Pareto front needs `number`."""
     if number is not None:
         match = [t for t in study.get_trials(deepcopy=False) if t.number == number]
         if not match:
             raise StudyError(f"study {study.study_name!r} has no trial #{number}")
         if match[0].state != TrialState.COMPLETE:
             raise StudyError(f"trial #{number} is {match[0].state.name}; only COMPLETE trials can be exported")
-        return match[0]
+        return Selection(match[0], f"trial #{number}, as asked (--trial)")
     if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         raise StudyError(f"study {study.study_name!r} has no COMPLETE trial to export")
     searched = search_trials(study)  # confirmation runs are never picked for one lucky seed
-    if len(study.directions) == 1:
-        return _winner_trial(study) or (searched[0] if searched else study.best_trial)
-    front = ", ".join(f"#{t.number} ({t.values[0]:.2f}, {t.values[1]:.4g})" for t in study.best_trials
-                      if CONFIRMS not in t.user_attrs)
-    raise StudyError(f"multi-objective study: choose a Pareto point with --trial N; front: {front}")
+    if len(study.directions) > 1:
+        front = ", ".join(f"#{t.number} ({t.values[0]:.2f}, {t.values[1]:.4g})" for t in study.best_trials
+                          if CONFIRMS not in t.user_attrs)
+        raise StudyError(f"multi-objective study: choose a Pareto point with --trial N; front: {front}")
+    results = confirmation_results(study, paths)
+    found = _winner_trial(study, results, min_seeds)
+    if found is not None:
+        return Selection(found[0], found[1])
+    best = searched[0] if searched else study.best_trial
+    why = ("no confirmation runs yet (run `search.py confirm`)" if not results else
+           f"no configuration has {min_seeds} complete confirmation seeds yet")
+    return Selection(best, f"the best search trial #{best.number} (one seed), not a confirmed winner: {why}")
 
 
-def _winner_trial(study: optuna.Study) -> FrozenTrial | None:
+def _winner_trial(study: optuna.Study, results: list[Confirmed],
+                  min_seeds: int) -> tuple[FrozenTrial, str] | None:
     """A trial that trained the confirmed winner's configuration: the search trial it confirms, or for a preset
     (whose search trial may have sampled some values) its confirmation run with the lowest seed."""
-    best = winner(study)
+    best = winner_of(results, min_seeds)
     if best is None:
         return None
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    why = f"the confirmed winner {best.label} (mean {best.mean:.2f} over {len(best.by_seed)} seeds)"
     kind, _, name = best.source.partition(":")
     if kind == "trial":
-        match = [t for t in complete if t.number == int(name)]
+        match = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.number == int(name)]
         if match:
-            return match[0]
-    runs = [t for t in complete if CONFIRMS in t.user_attrs and t.user_attrs.get("confirm_key") == best.key]
-    return min(runs, key=lambda t: int(t.user_attrs["confirm_seed"])) if runs else None
+            return match[0], why
+    confirm = open_confirmation_if_any(study)
+    runs = [t for t in confirmation_runs(study, confirm) if t.state == TrialState.COMPLETE
+            and t.user_attrs.get("confirm_key") == best.key]
+    run = min(runs, key=lambda t: int(t.user_attrs["confirm_seed"])) if runs else None
+    return (run, why) if run is not None else None
 
 
 def describe(trial: FrozenTrial) -> str:

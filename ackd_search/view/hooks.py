@@ -9,6 +9,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial
 
+from ackd_search.searching.confirm import min_seeds
 from ackd_search.searching.hooks import SearchHooks
 from ackd_search.searching.record import StudyPaths
 from ackd_search.searching.space import Space
@@ -22,10 +23,12 @@ class UserView(SearchHooks):
 
     def __init__(self, space: Space, stream=None, tag: str = ""):
         self.space, self.stream, self.prefix = space, stream, f"[{tag}] " if tag else ""
-        self.progress = Progress(space, stream, self.prefix)
+        self.costs: dict[str, list[float]] = {}  # seconds per epoch by method, learnt in one phase, used in the next
+        self.progress = Progress(space, stream, self.prefix, costs=self.costs)
 
     def phase_started(self, study: optuna.Study, total: int | None, timeout_s: float | None) -> None:
-        self.progress = Progress(self.space, self.stream, self.prefix, study=study, total=total, timeout_s=timeout_s)
+        self.progress = Progress(self.space, self.stream, self.prefix, study=study, total=total, timeout_s=timeout_s,
+                                 costs=self.costs)
 
     def trial_started(self, number: int, values: dict[str, Any]) -> None:
         self.progress.start(number, values)
@@ -40,8 +43,8 @@ class UserView(SearchHooks):
                        run_dir: Path, paths: StudyPaths) -> None:
         annotate_trial(trial, history, config, run_dir, paths)
 
-    def confirmation_done(self, study: optuna.Study) -> None:
-        annotate_study(study)
+    def confirmation_done(self, search: optuna.Study, confirm: optuna.Study) -> None:
+        annotate_study(search, confirm, StudyPaths.for_space(self.space), min_seeds(self.space))
 
     def teacher_progress(self, description: str, epochs: int) -> Reporter:
         return EpochBar(description, epochs, self.stream)

@@ -12,6 +12,7 @@ from optuna.artifacts import upload_artifact
 from optuna_dashboard import save_note
 
 from ackd_search.searching.artifacts import artifact_store
+from ackd_search.searching.confirming import confirmation_results
 from ackd_search.searching.params import (
     ACKD,
     ADVERSARY_KNOBS,
@@ -38,25 +39,34 @@ def annotate_trial(trial: optuna.Trial, history: list[dict[str, Any]], config_di
     plot = run_dir / PLOT_NAME
     if history:
         plot_history(history, plot, f"trial #{trial.number}")
-        upload_artifact(artifact_store=artifact_store(paths), file_path=str(plot), study_or_trial=trial,
+        upload_artifact(artifact_store=artifact_store(paths, trial.study), file_path=str(plot), study_or_trial=trial,
                         mimetype="image/png")
     save_note(trial, trial_note(trial.number, trial.user_attrs, trial.params, history, config_dict))
 
 
-def annotate_study(study: optuna.Study) -> None:
-    """The study's note (the dashboard's study page): which trials are the search and which are confirmation runs,
-    the best search trial and the confirmation table. The dashboard's own "Best Trial", history and importance count
-    confirmation runs (no parameters) as trials; this note says which is which."""
-    best = search_trials(study)
-    confirms = [t.number for t in study.get_trials(deepcopy=False) if CONFIRMS in t.user_attrs]
-    lines = [f"### {study.study_name}", ""]
+def annotate_study(search: optuna.Study, confirm: optuna.Study | None, paths: StudyPaths,
+                   min_seeds: int = 2) -> None:
+    """The notes of both studies (the dashboard's Note page): the confirmed winner first, then where the search and
+    its confirmation runs are and the confirmation table. The search study holds search points only, so its Best
+    Trial (one seed of a short run) is the search's own; the winner is the one confirmed over seeds."""
+    results = confirmation_results(search, paths)
+    table = confirmation_table(results, min_seeds, confirm.study_name if confirm else "")
+    best = search_trials(search)
+    lines = [f"### {search.study_name}", ""]
+    if table:
+        lines += [f"**Confirmed {table[-1]}**", ""]
     if best:
-        lines.append(f"Best search trial: **#{best[0].number}**, {OBJECTIVE} {best[0].values[0]:.2f}.")
-    if confirms:
-        lines += [f"Confirmation runs (user attribute `confirms`, no parameters): trials #{min(confirms)}–"
-                  f"#{max(confirms)}; the dashboard's *Best Trial* and importances count them too.", "",
-                  "```", *confirmation_table(study), "```"]
-    save_note(study, "\n".join(lines) + "\n")
+        lines.append(f"Best search trial (one seed): #{best[0].number}, {OBJECTIVE} {best[0].values[0]:.2f}; "
+                     "the dashboard's Best Trial is this one, not the confirmed winner.")
+    if confirm is not None:
+        lines.append(f"Confirmation runs: study `{confirm.study_name}` ({len(confirm.trials)} trials).")
+    if table:
+        lines += ["", "```", *table, "```"]
+    save_note(search, "\n".join(lines) + "\n")
+    if confirm is not None:
+        save_note(confirm, "\n".join([f"### {confirm.study_name}", "",
+                                      f"Confirmation runs of study `{search.study_name}`.", "", "```", *table,
+                                      "```"]) + "\n")
 
 
 # --- the note ---------------------------------------------------------------------------------------------------

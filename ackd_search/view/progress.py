@@ -16,7 +16,18 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
-from ackd_search.searching.record import CONFIRMS, bracket, is_interrupted, stop_reason, trial_label, trial_line
+from ackd_search.notices import set_writer
+from ackd_search.searching.record import (
+    CONFIRMS,
+    CONFIRMS_STUDY,
+    bracket,
+    is_interrupted,
+    root_trial_number,
+    stop_reason,
+    trial_label,
+    trial_line,
+    trial_method,
+)
 from ackd_search.searching.space import Space
 from ackd_search.view.summary import best_text
 
@@ -40,10 +51,21 @@ def end_live_lines() -> bool:
     return bool(bars)
 
 
+def _above_bars(line: str) -> None:
+    tqdm.write(line, file=sys.stderr)  # clears the live bar, writes the line, redraws the bar below it
+
+
 def _open_bar(bar_format: str = _BAR_FORMAT, **kwargs: Any) -> tqdm:
     bar = tqdm(leave=False, bar_format=bar_format, dynamic_ncols=True, **kwargs)
     _OPEN_BARS.add(bar)
+    set_writer(_above_bars)  # notices (a cache being built, ...) print above the live line, never inside it
     return bar
+
+
+def _rerun_of(trial: FrozenTrial) -> int | None:
+    """The trial a re-run (of an interrupted or heartbeat-failed trial) resumes; None for a new trial."""
+    root = root_trial_number(trial)
+    return root if root != trial.number else None
 
 
 def clock(seconds: float | None) -> str:
@@ -111,7 +133,7 @@ class Progress:
 
     def __init__(self, space: Space, stream=None, prefix: str = "", *, study: optuna.Study | None = None,
                  total: int | None = None, timeout_s: float | None = None, every_s: float = PLAIN_EPOCH_EVERY_S,
-                 live: bool | None = None):
+                 live: bool | None = None, costs: dict[str, list[float]] | None = None):
         self.space, self.stream, self.prefix, self.study = space, stream or sys.stdout, prefix, study
         # Local workers share one terminal: live lines of several processes would overwrite each other.
         self.live = (_is_tty(self.stream) and not prefix) if live is None else live
@@ -130,6 +152,11 @@ class Progress:
         # tiny trial several percent of its time): counts and best search trial, confirmation runs done / queued.
         self.study_text = ""
         self.confirm_done_queued = (0, 0)
+        # Seconds per epoch of finished trials, by method (shared across a process's phases): what the runs still
+        # queued will cost, for the confirmation's ETA (a student-alone run is several times cheaper than ACKD's).
+        self.costs = costs if costs is not None else {}
+        self.unfinished: list[tuple[str, int]] = []  # (method, epochs) of confirmation runs queued or running
+        self.counted: set[int] = set()
 
     # --- called during a trial --------------------------------------------------------------------------------
     def start(self, number: int, values: dict[str, Any]) -> None:
@@ -138,9 +165,12 @@ class Progress:
         frozen = self._frozen(number)
         attrs = frozen.user_attrs if frozen is not None else {}
         confirming = CONFIRMS in attrs if frozen is not None else not values  # a confirmation run samples nothing
+        rerun = frozen is not None and not confirming and _rerun_of(frozen) is not None
         if confirming:
             info = {"kind": "confirm", "counter": self._confirm_counter(running=True),
                     "epochs": int(attrs.get("confirm_epochs", self.epochs))}
+        elif rerun:  # resumes an earlier trial's budget: not one of this run's N
+            info = {"kind": "search", "counter": "re-run", "epochs": self.epochs, "rerun": True}
         else:
             self.search_started += 1
             info = {"kind": "search", "counter": f"{self.search_started}/{self.total or '?'}", "epochs": self.epochs}
@@ -179,13 +209,16 @@ class Progress:
         self.last_line.pop(trial.number, None)
         a = trial.user_attrs
         kind = "confirm" if CONFIRMS in a else "search"
+        rerun = kind == "search" and (info.get("rerun", False) if info else _rerun_of(trial) is not None)
         if kind == "confirm":
             counter = "c{}/{}".format(*self.confirm_done_queued)
+        elif rerun:
+            counter = "re-run"
         else:
             if info is None:  # a duplicate of an earlier trial: answered without training, never started
                 self.search_started += 1
             counter = info["counter"] if info else f"{self.search_started}/{self.total or '?'}"
-        self.done[kind] += 1
+        self.done[kind] += not rerun
         reason = stop_reason(trial)
         line = (trial_line(trial, counter, seconds, (info or {}).get("method") or "")
                 + f" | {self._status(kind, 0.0)}" + (f" | {reason}" if reason else ""))
@@ -227,11 +260,29 @@ class Progress:
         counts = {state.name: 0 for state in TrialState}
         for t in trials:
             counts[t.state.name] += 1
-        self.study_text = (f"complete {counts['COMPLETE']} pruned {counts['PRUNED']} failed {counts['FAIL']} | "
-                           + best_text(self.study, trials))
+            self._learn_cost(t)
+        confirming = CONFIRMS_STUDY in self.study.user_attrs
         runs = [t for t in trials if CONFIRMS in t.user_attrs and not is_interrupted(t)]
         finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL) for t in runs)
         self.confirm_done_queued = (finished, len(runs))
+        self.study_text = (f"complete {counts['COMPLETE']} pruned {counts['PRUNED']} failed {counts['FAIL']} | "
+                           + (f"confirmation runs done {finished}/{len(runs)}" if confirming
+                              else best_text(self.study, trials)))
+        self.unfinished = [(trial_method(t, self._fixed_method()), int(t.user_attrs.get("confirm_epochs", self.epochs)))
+                           for t in runs if t.state in (TrialState.WAITING, TrialState.RUNNING)]
+
+    def _learn_cost(self, trial: FrozenTrial) -> None:
+        seconds, epochs = trial.user_attrs.get("wall_time_s"), len(trial.intermediate_values)
+        if trial.state.is_finished() and seconds and epochs and trial.number not in self.counted:
+            self.counted.add(trial.number)
+            self.costs.setdefault(trial_method(trial, self._fixed_method()), []).append(seconds / epochs)
+
+    def _seconds_per_epoch(self, method: str) -> float | None:
+        own = self.costs.get(method)
+        if own:
+            return sum(own) / len(own)
+        every = [v for values in self.costs.values() for v in values]
+        return sum(every) / len(every) if every else None
 
     def _confirm_counter(self, running: bool) -> str:
         if self.study is None:
@@ -247,9 +298,17 @@ class Progress:
 
     def _eta(self, kind: str, elapsed: float, fraction: float) -> float | None:
         done = self.done[kind] + fraction
-        if kind == "confirm":
+        if kind == "confirm" and self.study is not None:
+            # The measured cost of what is still queued, per method; the running run counts what it has left.
+            costs = [self._seconds_per_epoch(method) for method, _ in self.unfinished]
+            if self.unfinished and all(c is not None for c in costs):
+                work = [c * epochs for c, (_, epochs) in zip(costs, self.unfinished)]
+                running = max(work[:1], default=0.0) * fraction if fraction else 0.0
+                return max(0.0, sum(work) - running)
             finished, queued = self.confirm_done_queued
-            remaining = queued - finished - fraction if self.study is not None else None
+            remaining = queued - finished - fraction
+        elif kind == "confirm":
+            remaining = None
         else:
             remaining = self.total - done if self.total else None
         eta = elapsed / done * remaining if remaining is not None and done > 0 else None

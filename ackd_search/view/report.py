@@ -9,32 +9,42 @@ from pathlib import Path
 
 import optuna
 
-from ackd_search.searching.record import OBJECTIVE, search_trials
-from ackd_search.view.summary import search_only_study, summary
-from ackd_search.view.tables import confirmation_table
+from ackd_search.searching.confirm import min_seeds
+from ackd_search.searching.confirming import confirmation_results
+from ackd_search.searching.record import CONFIRMS, OBJECTIVE, StudyPaths, search_trials
+from ackd_search.searching.space import Space
+from ackd_search.view.plots import plot_confirmation, plot_search_history
+from ackd_search.view.summary import confirmation_lines, search_only_study, summary
 
 
-def write_report(study: optuna.Study, out_dir: Path, log: Callable[[str], None] = print) -> list[Path]:
-    """Write into `out_dir` and return the files written: trials.csv, summary.txt, confirmation.md (when there are
-    confirmation runs), history.png, importances.png (>= 2 complete search trials) and pareto.png (two objectives).
-    A plot that cannot be drawn yet is skipped with a one-line reason through `log`."""
+def write_report(study: optuna.Study, out_dir: Path, log: Callable[[str], None] = print,
+                 space: Space | None = None) -> list[Path]:
+    """Write into `out_dir` and return the files written: trials.csv, summary.txt, confirmation.md and
+    confirmation.png (when there are confirmation runs), history.png (the search in trial order), importances.png
+    (>= 2 complete search trials) and pareto.png (two objectives). A plot that cannot be drawn yet is skipped with a
+    one-line reason through `log`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = [_write(out_dir / "trials.csv", lambda p: study.trials_dataframe().to_csv(p, index=False))]
-    written.append(_write(out_dir / "summary.txt", lambda p: p.write_text(summary(study) + "\n")))
-    table = confirmation_table(study)
+    written.append(_write(out_dir / "summary.txt", lambda p: p.write_text(summary(study, space) + "\n")))
+    table = confirmation_lines(study, space)
     if table:
         text = f"# {study.study_name}: confirmation over seeds\n\n```\n" + "\n".join(table) + "\n```\n"
         written.append(_write(out_dir / "confirmation.md", lambda p: p.write_text(text)))
+        results = confirmation_results(study, StudyPaths.for_space(space) if space is not None else None)
+        seeds = min_seeds(space) if space is not None else 2
+        written.append(plot_confirmation(results, out_dir / "confirmation.png", study.study_name, seeds))
     complete = search_trials(study)
     if not complete:
         log("no complete search trial: no plots")
         return written
+    searchers = [t for t in study.get_trials(deepcopy=False) if CONFIRMS not in t.user_attrs]
+    written.append(plot_search_history(searchers, out_dir / "history.png", study.study_name))
     searched = search_only_study(study, complete)
     names = study.metric_names or [OBJECTIVE] + [f"objective {i}" for i in range(1, len(study.directions))]
     multi = len(study.directions) > 1
     first = {"target": (lambda t: t.values[0]), "target_name": names[0]} if multi else {"target_name": names[0]}
-    plots = [("history.png", lambda vis: vis.plot_optimization_history(searched, **first))]
+    plots = []
     if len(complete) >= 2:
         plots.append(("importances.png", lambda vis: vis.plot_param_importances(searched, **first)))
     if multi:

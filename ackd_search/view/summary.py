@@ -11,7 +11,10 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from ackd_search.errors import one_line
-from ackd_search.searching.record import CONFIRMS, OBJECTIVE, search_trials
+from ackd_search.searching.confirm import min_seeds
+from ackd_search.searching.confirming import confirmation_results
+from ackd_search.searching.record import CONFIRMS, OBJECTIVE, StudyPaths, confirm_study_name, search_trials
+from ackd_search.searching.space import Space
 from ackd_search.view.tables import confirmation_table
 
 
@@ -35,8 +38,17 @@ def best_text(study: optuna.Study, trials: list[FrozenTrial] | None = None) -> s
     return f"best #{best.number} {best.values[0]:.2f}"
 
 
-def summary(study: optuna.Study, top: int = 5) -> str:
-    """The closing table: counts, the best trials (or the Pareto front), and parameter importances."""
+def confirmation_lines(study: optuna.Study, space: Space | None = None) -> list[str]:
+    """The confirmation table of `study` (its sibling study's runs), empty when nothing is confirmed yet; with
+    `space`, its per-image records and its seed count are read too."""
+    paths = StudyPaths.for_space(space) if space is not None else None
+    results = confirmation_results(study, paths)
+    return confirmation_table(results, min_seeds(space) if space is not None else 2,
+                              confirm_study_name(study.study_name))
+
+
+def summary(study: optuna.Study, space: Space | None = None, top: int = 5) -> str:
+    """The closing table: counts, the best trials (or the Pareto front), importances, the confirmation."""
     counts = state_counts(study)
     lines = [f"study {study.study_name}: " + ", ".join(f"{k.lower()} {v}" for k, v in counts.items() if v)]
     complete = search_trials(study)
@@ -56,7 +68,7 @@ def summary(study: optuna.Study, top: int = 5) -> str:
         params = ", ".join(f"{k}={_fmt(v)}" for k, v in best.params.items())
         lines.append(f"best search trial #{best.number}: {params}")
     lines += importance_lines(study, complete)
-    lines += confirmation_table(study)
+    lines += confirmation_lines(study, space)
     return "\n".join(lines)
 
 
@@ -64,7 +76,7 @@ def search_only_study(study: optuna.Study, complete: list[FrozenTrial]) -> optun
     """An in-memory copy holding only the complete search trials: confirmation runs have no parameters and would
     empty the common search space of importance tools and plots."""
     copy = optuna.create_study(directions=study.directions)
-    copy.add_trials(complete)
+    copy.add_trials(sorted(complete, key=lambda t: t.number))  # in the order they ran
     if study.metric_names:
         with warnings.catch_warnings():  # set_metric_names is "experimental" in Optuna 5.0
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
