@@ -72,6 +72,7 @@ def test_the_dashboard_reports_the_searchs_best_trial_and_the_confirmation_elsew
         assert shown["confirmation study"] == confirm_study_name(study.study_name)
         confirm = _get(f"{base}/api/studies/{summaries[confirm_study_name(study.study_name)]['study_id']}")
         assert confirm["trials"] and all("confirms" in json.dumps(t["user_attrs"]) for t in confirm["trials"])
+        assert confirm["objective_names"] == ["val_acc"]  # the confirmation's axis is named as the search's
     finally:
         server.shutdown()
         server.server_close()
@@ -85,6 +86,9 @@ def test_history_points_are_in_trial_order_with_the_running_best() -> None:
     points = history_points(shuffled)
     assert points["complete"] == ([0, 1, 2, 3], [90.0, 95.0, 93.0, 97.0])
     assert points["best"] == ([0, 1, 2, 3], [90.0, 95.0, 95.0, 97.0])
+    last = create_trial(state=TrialState.PRUNED, params={}, distributions={}, intermediate_values={3: 50.0})
+    last.number = 4
+    assert history_points(trials + [last])["best"] == ([0, 1, 2, 3, 4], [90.0, 95.0, 95.0, 97.0, 97.0])
 
 
 def test_export_without_a_confirmed_winner_names_what_it_exports_and_why(tmp_path: Path, capsys) -> None:

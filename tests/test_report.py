@@ -41,10 +41,12 @@ def finished(tmp_path_factory) -> tuple[Path, optuna.Study, str]:
 
 def test_report_writes_plots_tables_and_a_csv_row_per_trial(finished, tmp_path: Path) -> None:
     _, study, _ = finished
-    written = write_report(study, tmp_path / "out", log=lambda text: None)
+    said = []
+    written = write_report(study, tmp_path / "out", log=said.append)
     names = {p.name for p in written}
-    assert {"trials.csv", "summary.txt", "confirmation.md", "confirmation.png", "history.png",
-            "importances.png"} <= names
+    assert {"trials.csv", "summary.txt", "confirmation.md", "confirmation.png", "history.png"} <= names
+    # 3 complete trials rank parameters by noise: no importances plot, as the summary prints none, and it says why
+    assert "importances.png" not in names and any("importances need 5" in line for line in said)
     assert "pareto.png" not in names  # one objective
     assert all(p.is_file() and p.stat().st_size > 0 for p in written)
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in written if p.suffix == ".png")
@@ -106,3 +108,11 @@ def test_a_two_objective_study_gets_its_pareto_front_named_by_its_metrics(tmp_pa
     names = {p.name for p in write_report(study, tmp_path, log=lambda text: None)}
     assert {"trials.csv", "summary.txt", "history.png", "pareto.png"} <= names and "confirmation.md" not in names
     assert (tmp_path / "pareto.png").stat().st_size > 0
+
+
+def test_importances_are_plotted_from_five_complete_trials(tmp_path: Path) -> None:
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    study.optimize(lambda t: t.suggest_float("optim.lr", 0.01, 0.1) * 100 + t.suggest_int("k", 0, 3), n_trials=5)
+    written = write_report(study, tmp_path / "out", log=lambda text: None)
+    assert "importances.png" in {p.name for p in written}
+    assert (tmp_path / "out" / "importances.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -25,6 +25,7 @@ from ackd_search.searching.objective import trial_objective
 from ackd_search.searching.record import (
     CONFIRMS,
     CONFIRMS_STUDY,
+    OBJECTIVE,
     WINNER_ATTR,
     StudyPaths,
     confirm_study_name,
@@ -50,6 +51,7 @@ def open_confirmation(space: Space, search: optuna.Study, create: bool = True) -
     except optuna.exceptions.DuplicatedStudyError:  # another process created it a moment ago
         return optuna.load_study(study_name=name, storage=storage, pruner=optuna.pruners.NopPruner())
     study.set_user_attr(CONFIRMS_STUDY, search.study_name)
+    study.set_metric_names([OBJECTIVE])  # the dashboard's axis reads val_acc, not "Objective 0"
     study.set_user_attr("study_uid", secrets.token_hex(8))  # its run folders and checkpoints belong to it
     study.set_user_attr("space_fingerprint", search.user_attrs.get("space_fingerprint"))
     search.set_user_attr(CONFIRM_ATTR, name)

@@ -11,6 +11,7 @@ from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from optuna.trial import FrozenTrial, TrialState
 
 from ackd_search.files import write_atomic
@@ -84,13 +85,16 @@ def history_points(trials: list[FrozenTrial]) -> dict[str, tuple[list[int], list
     trials = sorted(trials, key=lambda t: t.number)
     done = [t for t in trials if t.state == TrialState.COMPLETE and t.values]
     pruned = [t for t in trials if t.state == TrialState.PRUNED and t.intermediate_values]
-    best, running = -math.inf, []
-    for t in done:
-        best = max(best, t.values[0])
-        running.append(best)
+    best, at, running = -math.inf, [], []
+    for t in trials:  # the line runs to the last trial, pruned or not, from the first complete one
+        if t in done:
+            best = max(best, t.values[0])
+        if best > -math.inf and (t in done or t in pruned):
+            at.append(t.number)
+            running.append(best)
     return {"complete": ([t.number for t in done], [t.values[0] for t in done]),
             "pruned": ([t.number for t in pruned], [t.intermediate_values[max(t.intermediate_values)] for t in pruned]),
-            "best": ([t.number for t in done], running)}
+            "best": (at, running)}
 
 
 def plot_search_history(trials: list[FrozenTrial], path: Path, title: str) -> Path:
@@ -103,6 +107,7 @@ def plot_search_history(trials: list[FrozenTrial], path: Path, title: str) -> Pa
     ax.plot(*points["pruned"], "o", mfc="none", color="tab:gray", label="pruned (value when stopped)")
     ax.step(*points["best"], where="post", color="tab:red", label="best so far")
     ax.set(title=f"{title}: search trials in trial order", xlabel="trial number", ylabel=f"{OBJECTIVE} (%)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # trial numbers: no 0.5 ticks
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     figure.savefig(path, format="png")
@@ -129,8 +134,7 @@ def plot_confirmation(results: list[Confirmed], path: Path, title: str, min_seed
     values.set(title=f"{title}: {OBJECTIVE} per seed (|: mean)", xlabel=f"{OBJECTIVE} (%)")
     against = reference.label if reference is not None else "no baseline"
     gaps.axvline(0, color="black", linewidth=1)
-    gaps.set(title=f"difference to {against} (the strongest baseline), {round(CONFIDENCE * 100)}% interval",
-             xlabel="points")
+    gaps.set(title=f"minus {against} (strongest baseline), {round(CONFIDENCE * 100)}% interval", xlabel="points")
     for ax in (values, gaps):
         ax.grid(alpha=0.3)
     figure.savefig(path, format="png")

@@ -14,15 +14,15 @@ from ackd_search.searching.confirming import confirmation_results
 from ackd_search.searching.record import CONFIRMS, OBJECTIVE, StudyPaths, search_trials
 from ackd_search.searching.space import Space
 from ackd_search.view.plots import plot_confirmation, plot_search_history
-from ackd_search.view.summary import confirmation_lines, search_only_study, summary
+from ackd_search.view.summary import MIN_IMPORTANCE_TRIALS, confirmation_lines, search_only_study, summary
 
 
 def write_report(study: optuna.Study, out_dir: Path, log: Callable[[str], None] = print,
                  space: Space | None = None) -> list[Path]:
     """Write into `out_dir` and return the files written: trials.csv, summary.txt, confirmation.md and
     confirmation.png (when there are confirmation runs), history.png (the search in trial order), importances.png
-    (>= 2 complete search trials) and pareto.png (two objectives). A plot that cannot be drawn yet is skipped with a
-    one-line reason through `log`."""
+    (>= MIN_IMPORTANCE_TRIALS complete search trials) and pareto.png (two objectives). A plot that cannot be drawn
+    yet is skipped with a one-line reason through `log`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = [_write(out_dir / "trials.csv", lambda p: study.trials_dataframe().to_csv(p, index=False))]
@@ -45,8 +45,10 @@ def write_report(study: optuna.Study, out_dir: Path, log: Callable[[str], None] 
     multi = len(study.directions) > 1
     first = {"target": (lambda t: t.values[0]), "target_name": names[0]} if multi else {"target_name": names[0]}
     plots = []
-    if len(complete) >= 2:
+    if len(complete) >= MIN_IMPORTANCE_TRIALS:  # as the summary: fewer would rank parameters by noise
         plots.append(("importances.png", lambda vis: vis.plot_param_importances(searched, **first)))
+    else:
+        log(f"no importances.png: {len(complete)} complete search trials, importances need {MIN_IMPORTANCE_TRIALS}")
     if multi:
         plots.append(("pareto.png", lambda vis: vis.plot_pareto_front(searched, target_names=names)))
     for name, draw in plots:

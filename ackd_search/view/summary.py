@@ -84,7 +84,11 @@ def search_only_study(study: optuna.Study, complete: list[FrozenTrial]) -> optun
     return copy
 
 
-def importance_lines(study: optuna.Study, complete: list[FrozenTrial], minimum: int = 5) -> list[str]:
+MIN_IMPORTANCE_TRIALS = 5  # fewer complete trials rank parameters by noise: neither the summary nor the plot shows it
+
+
+def importance_lines(study: optuna.Study, complete: list[FrozenTrial],
+                     minimum: int = MIN_IMPORTANCE_TRIALS) -> list[str]:
     if len(study.directions) > 1 or len(complete) < minimum:
         return [f"(parameter importances need >= {minimum} complete trials of a single-objective study)"]
     try:
