@@ -7,9 +7,10 @@ import contextlib
 import fcntl
 import hashlib
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
@@ -23,15 +24,33 @@ def sha256_file(path: Path) -> str:
 
 
 @contextlib.contextmanager
-def locked(path: Path) -> Iterator[None]:
-    """An exclusive lock on `path` across processes: the second waits, then finds what the first built."""
+def locked(path: Path, timeout_s: float | None = None) -> Iterator[bool]:
+    """An exclusive lock on `path` across processes: the second waits, then finds what the first built. With
+    `timeout_s`, it waits that long at most and goes on without the lock (yields False): a holder that is stopped
+    (SIGSTOP, a frozen machine) must not stop everyone else. The kernel releases a dead holder's lock."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        held = _lock(handle, timeout_s)
         try:
-            yield
+            yield held
         finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            if held:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _lock(handle: IO, timeout_s: float | None) -> bool:
+    if timeout_s is None:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        return True
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
 
 
 def temporary_name(path: Path) -> Path:
@@ -49,13 +68,20 @@ def save_atomic(obj: Any, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
+    """`write(file)` into a temporary file, then rename: a full disk (or a crash) leaves the previous `path` whole
+    and no half file behind."""
     tmp = temporary_name(path)
     try:
-        tmp.write_text(text)
+        with open(tmp, "wb") as handle:
+            write(handle)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    write_atomic(path, lambda handle: handle.write(text.encode()))
 
 
 _VERIFIED: set[tuple[str, int, int]] = set()  # (file, size, mtime_ns) whose sha256 this process already checked

@@ -125,7 +125,7 @@ def test_curves_and_best_weights_are_artifacts(searched) -> None:
 
 def test_export_reads_a_ray_study(searched) -> None:
     space, study, _ = searched
-    best = select_trial(study)
+    best = select_trial(study).trial
     assert best.state == TrialState.COMPLETE and best.value == max(t.value for t in study.trials
                                                                    if t.state == TrialState.COMPLETE)
     cfg = export_config(space, best)
@@ -219,9 +219,10 @@ def test_ctrl_c_leaves_no_trial_running(tmp_path: Path, teacher_cache: Path, ray
                                  "--n-trials", "4", "--no-confirm"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not stored_epochs(tmp_path / "tiny.db"):
+        deadline = time.monotonic() + 300  # a loaded 2-core machine takes a while to start Ray and a trial
+        while time.monotonic() < deadline and not stored_epochs(tmp_path / "tiny.db") and proc.poll() is None:
             time.sleep(0.3)
+        assert stored_epochs(tmp_path / "tiny.db"), "no trial reported an epoch before the deadline"
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=120)
     finally:
@@ -233,6 +234,26 @@ def test_ctrl_c_leaves_no_trial_running(tmp_path: Path, teacher_cache: Path, ray
     interrupted = [t for t in trials if t.user_attrs.get("interrupted")]
     assert interrupted and all(t.state == TrialState.FAIL and t.user_attrs["fail_reason"] for t in interrupted)
     assert any(t.intermediate_values for t in interrupted)  # the curve so far is kept
+
+
+def test_a_rerun_after_a_killed_driver_is_free_and_the_count_is_this_runs(tmp_path: Path, teacher_cache: Path,
+                                                                        ray_address) -> None:
+    # Issue #20: a re-run after a driver kill counted against --n-trials, and the progress said "trial 6/4".
+    space = load_space(write(tmp_path / "s.yaml", tiny_space(tmp_path, teacher_cache=teacher_cache, presets=False,
+                                                             n_trials=4, pruner={"name": "none"})))
+    study = open_study(space, make_storage(space), log=lambda _: None)
+    killed = study.ask()
+    space.suggest(killed)  # the killed driver's trial: its parameters drawn, then no more heartbeats
+    study._storage.record_heartbeat(killed._trial_id)
+    time.sleep(space.study.grace_period_s + 1)
+    out = io.StringIO()
+    run_ray_search(space, n_trials=2, stream=out, max_concurrent=1, confirm=False)
+    trials = stored(space)
+    assert len(trials) == 4 and all(t.state in FINISHED for t in trials), [t.state for t in trials]
+    assert trials[0].state == TrialState.FAIL and trials[1].user_attrs["retry_of"] == 0
+    assert [t.state for t in trials[1:]] == [TrialState.COMPLETE] * 3
+    lines = [line for line in out.getvalue().splitlines() if line.startswith("trial ")]
+    assert [line.split()[1] for line in lines] == ["re-run", "1/2", "2/2"], lines  # this run's 2, not the space's 4
 
 
 def test_ray_stops_trials_by_the_studys_own_pruner_by_default(tmp_path: Path) -> None:

@@ -118,9 +118,12 @@ def test_a_finished_study_confirms_from_the_command_line(tmp_path: Path, teacher
     assert confirm.returncode == 0, confirm.stdout + confirm.stderr
     assert "confirmation over seeds [1, 2]" in confirm.stdout and "winner:" in confirm.stdout
     study = optuna.load_study(study_name="tiny", storage=data["study"]["storage"])
-    runs = [t for t in study.trials if "confirms" in t.user_attrs]
+    assert not any("confirms" in t.user_attrs for t in study.trials)  # the search study holds search trials only
+    confirmation = optuna.load_study(study_name="tiny-confirm", storage=data["study"]["storage"])
+    runs = [t for t in confirmation.trials if "confirms" in t.user_attrs]
     assert len(runs) == 4 and all(t.state == TrialState.COMPLETE for t in runs)  # (kd, best) x 2 seeds
     again = subprocess.run([*search, "confirm", "--space", str(space_file)], capture_output=True, text=True,
                            timeout=600, cwd=ROOT, env=env)
     assert again.returncode == 0 and "0 runs queued" in again.stdout
-    assert len(optuna.load_study(study_name="tiny", storage=data["study"]["storage"]).trials) == len(study.trials)
+    for name, trials in (("tiny", study.trials), ("tiny-confirm", confirmation.trials)):
+        assert len(optuna.load_study(study_name=name, storage=data["study"]["storage"]).trials) == len(trials)

@@ -11,11 +11,12 @@ import optuna
 
 from ackd_search import __version__
 from ackd_search.errors import StudyError
+from ackd_search.searching.confirming import run_confirmation
 from ackd_search.searching.preflight import preflight
 from ackd_search.searching.record import FINISHED
 from ackd_search.searching.space import Space
-from ackd_search.searching.storage import check_storage, existing_study, make_storage, safe_url
-from ackd_search.searching.study import open_study, optimize, requeue_interrupted, run_confirmation, say_running
+from ackd_search.searching.storage import check_storage, existing_study, make_storage, safe_url, storage_url_of
+from ackd_search.searching.study import open_study, optimize, requeue_interrupted, say_running
 from ackd_search.view.hooks import UserView
 
 
@@ -30,7 +31,7 @@ def run_search(space: Space, n_trials: int | None = None, timeout_s: float | Non
     """Check the storage, data and teacher, open or resume the study (presets enqueued on creation), run trials
     until `n_trials` / `timeout_s`, then (`confirm`) retrain the candidates over seeds."""
     log, view = logger(stream, tag), UserView(space, stream, tag)
-    url = storage_url or space.storage_url
+    url = storage_url_of(space, storage_url)
     check_storage(url)
     preflight(space, log, view.teacher_progress)
     storage = make_storage(space, url)
@@ -59,7 +60,6 @@ def confirm_study(space: Space, storage_url: str | None = None, stream=None) -> 
     if existing_study(storage, space.study.name) is None:
         raise StudyError(f"no study {space.study.name!r} in {safe_url(url)}; run the search first")
     preflight(space, log, view.teacher_progress)
-    study = open_study(space, storage, log=log)
-    requeue_interrupted(study, log)
+    study = open_study(space, storage, log=log)  # interrupted search trials wait for the next search
     run_confirmation(space, study, view, log)
     return study

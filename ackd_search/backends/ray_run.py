@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,17 +22,20 @@ from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialSch
 
 from ackd_search import __version__
 from ackd_search.backends.local import logger
-from ackd_search.backends.ray_search import PrunerScheduler, StudySearch, fail_stale
-from ackd_search.backends.ray_trainable import train_trial
+from ackd_search.backends.ray_output import without_ray_dumps
+from ackd_search.backends.ray_search import PrunerScheduler, StudySearch
+from ackd_search.backends.ray_trainable import NODE, train_trial
 from ackd_search.config import from_dict
 from ackd_search.errors import StudyError, one_line
+from ackd_search.searching.confirming import run_confirmation
 from ackd_search.searching.preflight import preflight
 from ackd_search.searching.record import FINISHED, OBJECTIVE, StudyPaths
 from ackd_search.searching.samplers import PRUNER_DEFAULTS, make_pruner
 from ackd_search.searching.settings import RayOptions
 from ackd_search.searching.space import Space
 from ackd_search.searching.storage import check_storage, make_storage, safe_url
-from ackd_search.searching.study import open_study, requeue_interrupted, run_confirmation
+from ackd_search.searching.study import open_study, requeue_interrupted
+from ackd_search.searching.trial_loop import fail_stale
 from ackd_search.view.hooks import UserView
 
 Scheduler = Literal["asha", "pruner", "fifo"]
@@ -94,28 +98,93 @@ def make_scheduler(kind: Scheduler, space: Space, options: RayOptions, searcher:
 
 
 class StudyCallback(tune.Callback):
-    """Driver-side hooks: heartbeats for the study's running trials, and the reason a Ray trial errored."""
+    """Driver-side hooks: heartbeats for the study's running trials, and what Ray did to a trial: each attempt's
+    start and node, an attempt lost with its worker or node (kept on the trial; one line per lost node), a trial
+    Ray gave up on (FAIL with its reason, and queued again to resume from its checkpoint)."""
 
-    def __init__(self, searcher: StudySearch, heartbeat_interval_s: float):
-        self.searcher, self.interval_s, self.last_beat = searcher, heartbeat_interval_s, 0.0
+    def __init__(self, searcher: StudySearch, heartbeat_interval_s: float, log: Callable[[str], None],
+                 max_retry: int = 2):
+        self.searcher, self.interval_s, self.last_beat, self.log = searcher, heartbeat_interval_s, 0.0, log
+        self.max_retry = max_retry
+        self.attempt_started: dict[str, float] = {}
+        self.node_of: dict[str, tuple[str, str]] = {}  # Tune trial id -> (node id, node ip) of its latest report
+        self.nodes_lost: set[str] = set()
 
     def on_step_begin(self, iteration: int, trials: list[Trial], **info: Any) -> None:
         if time.monotonic() - self.last_beat >= self.interval_s:
             self.searcher.heartbeat()
             self.last_beat = time.monotonic()
 
+    def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        self.attempt_started[trial.trial_id] = time.monotonic()  # also each restart after a lost attempt
+
+    def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info: Any) -> None:
+        self.node_of[trial.trial_id] = (str(result.get(NODE) or ""), str(result.get("node_ip") or ""))
+
+    def on_trial_recover(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        where, why = self._lost(trial)
+        attempt = self.searcher.attempt_lost(trial.trial_id, f"{where}: {why}", self._attempt_s(trial))
+        node = self.node_of.get(trial.trial_id, ("", ""))[0] or why
+        if node not in self.nodes_lost:  # one line per lost node, however many trials it ran
+            self.nodes_lost.add(node)
+            self.log(f"Ray: trial #{trial.config.get('optuna_trial', '?')} lost {where} ({why}); Ray retries its "
+                     f"trials from their last checkpoints (attempt {attempt + 1} of at most "
+                     f"{trial.max_failures + 1})")
+
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
-        self.searcher.fail(trial.trial_id, _error_reason(trial))
+        where, why = self._lost(trial)
+        self.searcher.attempt_lost(trial.trial_id, f"{where}: {why}", self._attempt_s(trial))
+        self.searcher.fail(trial.trial_id, f"Ray lost {where} on every attempt ({why}); queued again to resume "
+                                           "from its last checkpoint")
+        # Ray spends its retries in a second on a dead node's cached worker: the study's own retry still stands.
+        rerun = self.searcher.requeue(trial.trial_id, self.max_retry)
+        if rerun is not None:
+            self.log(f"Ray: trial #{trial.config.get('optuna_trial', '?')} failed on every attempt ({why}); "
+                     f"queued again as trial #{rerun}")
+
+    def _attempt_s(self, trial: Trial) -> float:
+        return time.monotonic() - self.attempt_started.pop(trial.trial_id, time.monotonic())
+
+    def _lost(self, trial: Trial) -> tuple[str, str]:
+        """What was lost (`its worker on node 1a2b3c4d (10.0.0.2)`) and why, in a line each."""
+        node, ip = self.node_of.get(trial.trial_id, ("", ""))
+        alive = _node_alive(node)
+        place = f"node {node[:8]}" + (f" ({ip})" if ip else "") if node else (f"node {ip}" if ip else "")
+        where = f"its {place}" if alive is False and place else f"its worker on {place}" if place else "its worker"
+        return where, read_failure(trial)
+
+    def __reduce__(self):
+        # Tune pickles its callbacks into the experiment folder: the searcher (the study storage) stays out.
+        return (_NoCallback, ())
 
 
-def _error_reason(trial: Trial) -> str:
-    """One line for a trial Ray could not finish (its worker died, most often); our own errors never get here."""
-    try:  # Tune pickles the error on the driver just before `on_trial_error`
-        error = ray.cloudpickle.loads(Path(trial.pickled_error_file).read_bytes())
+class _NoCallback(tune.Callback):
+    """What Tune's experiment files hold in place of the study callback."""
+
+
+def _node_alive(node_id: str) -> bool | None:
+    """Whether Ray still counts node `node_id` alive (None: unknown); the GCS marks a dead node within seconds."""
+    if not node_id:
+        return None
+    try:
+        return next((bool(n.get("Alive")) for n in ray.nodes() if n.get("NodeID") == node_id), None)
     except Exception:
-        return "the Ray trial failed (see error.txt in its Tune folder)"
-    cause = getattr(error, "cause", None) or error
-    return f"Ray: {one_line(cause)}"
+        return None
+
+
+def read_failure(trial: Trial) -> str:
+    """Why Ray lost `trial`'s latest attempt, in one line, from the `error.txt` Tune writes in its trial folder (read
+    as text: nothing in the study's folders is ever unpickled)."""
+    try:
+        text = Path(trial.error_file).read_text(errors="replace")
+    except (TypeError, OSError):
+        return "no error.txt in its Tune folder"
+    last = text.rsplit("Failure # ", 1)[-1]
+    lines = [line.strip() for line in last.splitlines()[1:] if line.strip()]
+    why = next((line for line in lines if re.search(r"because|died|killed|lost|unavailable", line, re.I)),
+               lines[0] if lines else "no reason given")
+    why = re.sub(r"^The actor [0-9a-f]+ is unavailable: ", "", why)
+    return why.split(" The task may or may not", 1)[0][:200]
 
 
 # --- the loop ----------------------------------------------------------------------------------------------------
@@ -123,7 +192,8 @@ def _error_reason(trial: Trial) -> str:
 
 # Tune turns Ctrl-C into a quiet stop; we keep KeyboardInterrupt, as in the plain backend, so the interrupted trials
 # are told FAIL (interrupted) and the command exits 130. Tune's own tables would repeat our one line per trial.
-TUNE_ENV = {"TUNE_DISABLE_SIGINT_HANDLER": "1", "RAY_AIR_NEW_OUTPUT": "0"}
+# A trial Ray loses is one line of ours (StudyCallback), not Tune's traceback of it.
+TUNE_ENV = {"TUNE_DISABLE_SIGINT_HANDLER": "1", "RAY_AIR_NEW_OUTPUT": "0", "TUNE_PRINT_ALL_TRIAL_ERRORS": "0"}
 
 
 @contextlib.contextmanager
@@ -132,9 +202,11 @@ def _tune_env() -> Iterator[None]:
     os.environ.update(TUNE_ENV)
     tune_logger = logging.getLogger("ray.tune")
     level = tune_logger.level
-    tune_logger.setLevel(logging.WARNING)
+    # Tune's own lines about a trial it could not finish repeat ours (StudyCallback); what stops the run is raised.
+    tune_logger.setLevel(logging.CRITICAL)
     try:
-        yield
+        with without_ray_dumps():
+            yield
     finally:
         tune_logger.setLevel(level)
         for key, value in before.items():
@@ -198,23 +270,25 @@ def _tune(space: Space, study: optuna.Study, storage: RDBStorage, options: RayOp
     root = Path.cwd()
     paths = absolute_study_paths(space, root)
     options = options.for_cluster(ray.cluster_resources())
-    searcher = StudySearch(space, study, storage, paths, view, timeout_s, root)
+    searcher = StudySearch(space, study, storage, paths, view, timeout_s, root, n_trials=n_trials)
     scheduler = make_scheduler(kind, space, options, searcher)
     resources = {"cpu": options.cpus_per_trial, "gpu": options.gpus_per_trial}
     tuner = tune.Tuner(
         tune.with_resources(train_trial, resources),
         tune_config=tune.TuneConfig(
-            search_alg=searcher, scheduler=scheduler, num_samples=n_trials or -1,
+            # Unbounded: the searcher ends the run after `n_trials` new trials, re-runs of earlier ones not counted.
+            search_alg=searcher, scheduler=scheduler, num_samples=-1,
             max_concurrent_trials=options.max_concurrent, reuse_actors=True,
             trial_dirname_creator=lambda trial: f"trial-{trial.config.get('optuna_trial', 0):05d}-{trial.trial_id}",
         ),
         run_config=tune.RunConfig(
             name=time.strftime("%Y%m%d-%H%M%S"), storage_path=str(paths.runs.parent / f"{space.study.name}-tune"),
             verbose=0, failure_config=tune.FailureConfig(max_failures=_max_failures(space, options)),
-            callbacks=[StudyCallback(searcher, space.study.heartbeat_interval_s)],
+            callbacks=[StudyCallback(searcher, space.study.heartbeat_interval_s, log, space.study.max_retry)],
         ),
     )
     fail_stale(study)
+    view.phase_started(study, n_trials, timeout_s)  # "trial k/N" counts this run's N, not the space's n_trials
     finished = len(study.get_trials(deepcopy=False, states=FINISHED))
     log(f"study {space.study.name!r} in {safe_url(storage.url)}: {finished} trials finished so far; running "
         f"{n_trials if n_trials else 'unlimited'} more{f' for up to {timeout_s:.0f}s' if timeout_s else ''} on Ray "

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.storages import RDBStorage, fail_stale_trials
+from optuna.storages import RDBStorage
 from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.trial import TrialState
 from ray.tune.experiment import Trial
@@ -25,10 +25,13 @@ from ackd_search.config import RunConfig, from_dict, to_dict, with_absolute_path
 from ackd_search.errors import one_line
 from ackd_search.searching.artifacts import compact_history, upload_best_weights, upload_config
 from ackd_search.searching.hooks import SearchHooks
-from ackd_search.searching.objective import frozen, record_curve, set_aside_foreign_checkpoint, trial_identity
+from ackd_search.searching.objective import claim, frozen, record_curve, set_aside_foreign_checkpoint, trial_identity
 from ackd_search.searching.record import OBJECTIVE, StudyPaths, root_trial_number
 from ackd_search.searching.space import Space
+from ackd_search.searching.study import rerun_later
+from ackd_search.searching.trial_loop import fail_stale, is_rerun, rerun_is_next, tell
 from ackd_search.training import CHECKPOINT
+from ackd_search.training.checkpoints import OWNER_KEY, NotOwner, owned
 
 
 class StudySearch(OptunaSearch):
@@ -37,12 +40,15 @@ class StudySearch(OptunaSearch):
     artifacts."""
 
     def __init__(self, space: Space, study: optuna.Study, storage: RDBStorage, paths: StudyPaths, hooks: SearchHooks,
-                 timeout_s: float | None = None, root: Path | None = None):
+                 timeout_s: float | None = None, root: Path | None = None, n_trials: int | None = None):
         self.space, self.paths, self.hooks = space, paths, hooks
         self.root = root or Path.cwd()
         self.deadline = time.monotonic() + timeout_s if timeout_s else None
+        self.budget, self.started_new = n_trials, 0  # new trials this run; re-runs of earlier ones come free
         self._history: dict[str, dict[int, dict[str, Any]]] = {}
         self._run_dirs: dict[str, Path] = {}
+        self._owners: dict[str, str] = {}  # Tune trial id -> the owner token of its Optuna trial's run folder
+        self.attempts: dict[str, list[dict[str, Any]]] = {}  # Tune trial id -> its lost attempts (Ray retried them)
         # Tune sees one metric; the study's own directions (one or two objectives) decide what is stored.
         super().__init__(space=space.suggest, metric=OBJECTIVE, mode="max", sampler=study.sampler,
                          study_name=study.study_name, storage=storage)
@@ -57,12 +63,16 @@ class StudySearch(OptunaSearch):
             return Searcher.FINISHED  # like Optuna's timeout: start nothing new, let running trials finish
         self.heartbeat()  # ours are fresh, so only trials of dead workers or drivers count as stale
         fail_stale(self.study)
+        if self.budget is not None and self.started_new >= self.budget and not rerun_is_next(self.study):
+            return Searcher.FINISHED
         with warnings.catch_warnings():  # heartbeats come from this driver (see `heartbeat`), not from optimize()
             warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
             super().suggest(trial_id)  # asks (enqueued presets and retries first) and samples through space.suggest
         ot_trial = self._ot_trials[trial_id]
         values = dict(ot_trial.params)
-        root = root_trial_number(frozen(ot_trial))
+        record = frozen(ot_trial)
+        self.started_new += not is_rerun(record)
+        root = root_trial_number(record)
         run_dir = self.paths.run_dir(root)
         self._run_dirs[trial_id] = run_dir
         self.heartbeat([trial_id])
@@ -76,10 +86,13 @@ class StudySearch(OptunaSearch):
         except Exception as err:
             config["error"] = one_line(err)
             return config
-        upload_config(ot_trial, cfg, run_dir, self.paths)
-        set_aside_foreign_checkpoint(ot_trial, run_dir, trial_identity(ot_trial, root))
+        token = self._owners[trial_id] = claim(ot_trial, run_dir)
+        with owned(run_dir, token):
+            upload_config(ot_trial, cfg, run_dir, self.paths)
+            set_aside_foreign_checkpoint(ot_trial, run_dir, trial_identity(ot_trial, root))
         config["run_config"] = json.dumps(to_dict(cfg))
-        config["identity"] = trial_identity(ot_trial, root)
+        # Ray's own retries of this trial (a lost node) run as the same attempt: the same owner token.
+        config["identity"] = {**trial_identity(ot_trial, root), OWNER_KEY: token}
         return config
 
     # --- per-epoch results ----------------------------------------------------------------------------------
@@ -132,11 +145,12 @@ class StudySearch(OptunaSearch):
 
     def _finish_complete(self, trial_id: str, outcome: dict[str, Any]) -> None:
         ot_trial, run_dir = self._ot_trials[trial_id], self._run_dirs[trial_id]
-        attrs = outcome["attrs"]
+        attrs = {**outcome["attrs"], **self._attempt_attrs(trial_id, outcome["attrs"].get("wall_time_s"))}
         for key, value in attrs.items():
             ot_trial.set_user_attr(key, value)
-        record_curve(ot_trial, outcome["history"], run_dir, self.paths, self.hooks)
-        upload_best_weights(ot_trial, self.space.multi_objective, outcome["final_val_acc"], run_dir, self.paths)
+        with owned(run_dir, self._owners.get(trial_id)):
+            record_curve(ot_trial, outcome["history"], run_dir, self.paths, self.hooks)
+            upload_best_weights(ot_trial, self.space.multi_objective, outcome["final_val_acc"], run_dir, self.paths)
         values: float | list[float] = outcome["final_val_acc"]
         if self.space.multi_objective:
             values = [outcome["final_val_acc"], float(attrs[self.space.study.second_objective])]
@@ -148,8 +162,10 @@ class StudySearch(OptunaSearch):
                                f"{max(self._history.get(trial_id, {0: None}))}")
         if reason:
             ot_trial.set_user_attr("fail_reason", reason)
-        record_curve(ot_trial, self.curve(trial_id), run_dir, self.paths, self.hooks)
-        (run_dir / CHECKPOINT).unlink(missing_ok=True)  # the worker waits in `tune.report` until stopped: no race
+        for key, value in self._attempt_attrs(trial_id).items():
+            ot_trial.set_user_attr(key, value)
+        with owned(run_dir, self._owners.get(trial_id)):
+            record_curve(ot_trial, self.curve(trial_id), run_dir, self.paths, self.hooks)
         self._tell(trial_id, TrialState.PRUNED)
 
     def fail(self, trial_id: str, reason: str, interrupted: bool = False) -> None:
@@ -158,9 +174,36 @@ class StudySearch(OptunaSearch):
         ot_trial = self._ot_trials[trial_id]
         with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
             ot_trial.set_user_attr("fail_reason", reason)
+            for key, value in self._attempt_attrs(trial_id).items():
+                ot_trial.set_user_attr(key, value)
             if interrupted:  # `requeue_interrupted` re-runs it next time, resuming its checkpoint
                 ot_trial.set_user_attr("interrupted", True)
         self._tell(trial_id, TrialState.FAIL)
+
+    # --- attempts Ray lost and retried ----------------------------------------------------------------------
+    def attempt_lost(self, trial_id: str, reason: str, wall_s: float) -> int:
+        """Ray retries `trial_id` after its worker or node was lost: keep the attempt. Returns the attempts so far."""
+        lost = self.attempts.setdefault(trial_id, [])
+        lost.append({"attempt": len(lost) + 1, "reason": reason, "wall_time_s": round(wall_s, 3)})
+        return len(lost)
+
+    def requeue(self, trial_id: str, max_retry: int) -> int | None:
+        """Queue a trial Ray gave up on again (`study.rerun_later`): this run or the next resumes it."""
+        ot_trial = self._ot_trials.get(trial_id)
+        return rerun_later(self.study, frozen(ot_trial), max_retry) if ot_trial is not None else None
+
+    def _attempt_attrs(self, trial_id: str, last_wall_s: float | None = None) -> dict[str, Any]:
+        """What a trial Ray retried records: its attempts, each lost one's reason and wall time, and its wall time
+        over every attempt (not the last one's alone)."""
+        lost = self.attempts.get(trial_id)
+        if not lost:
+            return {}
+        walls = [a["wall_time_s"] for a in lost] + ([last_wall_s] if last_wall_s is not None else [])
+        attrs: dict[str, Any] = {"attempts": len(lost) + 1, "lost_attempts": lost,
+                                 "attempt_wall_times_s": walls}
+        if last_wall_s is not None:
+            attrs["wall_time_s"] = round(sum(walls), 3)
+        return attrs
 
     def fail_unfinished(self, reason: str) -> None:
         """After the Tune run: no trial of ours may stay RUNNING in the study (Ctrl-C, a stopped run, ...)."""
@@ -170,12 +213,17 @@ class StudySearch(OptunaSearch):
     def _tell(self, trial_id: str, state: TrialState, values: float | list[float] | None = None) -> None:
         ot_trial = self._ot_trials[trial_id]
         try:
-            self.study.tell(ot_trial, values, state=state)
-        except optuna.exceptions.UpdateFinishedTrialError:  # already failed as stale by another process
+            ended = tell(self.study, ot_trial, state if state != TrialState.COMPLETE else None, values)
+        except NotOwner:  # already failed as stale by another process, which re-runs it
             self._completed_trials.add(trial_id)
             return
         self._completed_trials.add(trial_id)
-        self.hooks.trial_finished(self.study, self.study._storage.get_trial(ot_trial._trial_id))
+        if ended.state in (TrialState.COMPLETE, TrialState.PRUNED):  # told: nothing left to resume
+            run_dir = self._run_dirs.get(trial_id)
+            with contextlib.suppress(NotOwner, OSError), owned(run_dir, self._owners.get(trial_id)):
+                if run_dir is not None:
+                    (run_dir / CHECKPOINT).unlink(missing_ok=True)
+        self.hooks.trial_finished(self.study, ended)
 
     def heartbeat(self, trial_ids: list[str] | None = None) -> None:
         """Heartbeats of our running trials, from the driver: a SIGKILLed driver's trials go stale and are retried."""
@@ -192,13 +240,17 @@ class StudySearch(OptunaSearch):
     def restore(self, checkpoint_path: str) -> None:
         raise NotImplementedError("resume a Ray search by running the same command again; the study holds its state")
 
+    def __reduce__(self):
+        # Tune pickles its searcher into the experiment folder (tuner.pkl) at the start: the study storage, and
+        # its URL with any password, stays out of it. Nothing restores it (`restore` above).
+        return (_Unpickled, ("StudySearch",))
 
-def fail_stale(study: optuna.Study) -> None:
-    """RUNNING trials whose worker or driver stopped beating become FAIL and are retried as new trials (resuming
-    the dead trial's checkpoint), as `optimize()` does before every trial of the plain backend."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        fail_stale_trials(study)
+
+class _Unpickled:
+    """What Tune's experiment files hold in place of a searcher or callback bound to the study."""
+
+    def __init__(self, name: str):
+        self.name = name
 
 
 # --- schedulers and callbacks ------------------------------------------------------------------------------------
@@ -211,6 +263,9 @@ class PrunerScheduler(FIFOScheduler):
     def __init__(self, searcher: StudySearch, pruner: optuna.pruners.BasePruner):
         super().__init__()
         self.searcher, self.pruner = searcher, pruner
+
+    def __reduce__(self):
+        return (_Unpickled, ("PrunerScheduler",))
 
     def on_trial_result(self, tune_controller, trial: Trial, result: dict[str, Any]) -> str:
         new_epoch = self.searcher.record(trial.trial_id, result)

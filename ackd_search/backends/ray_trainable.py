@@ -3,20 +3,24 @@ to Tune and its outcome in the last report. It never touches the study: the driv
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
 from typing import Any
 
+import ray
 from ray import tune
 
 from ackd_search.config import RunConfig, from_dict
 from ackd_search.errors import one_line
 from ackd_search.searching.artifacts import compact_history, trial_attrs, write_traceback
 from ackd_search.searching.record import OBJECTIVE
-from ackd_search.training import CHECKPOINT, NonFiniteLossError, run_training
+from ackd_search.training import NonFiniteLossError, run_training
+from ackd_search.training.checkpoints import NotOwner, owned, owner_token
 
 OUTCOME = "ackd_outcome"  # key of a trial's last report: how it ended, as JSON (Tune flattens nested dicts)
+NODE = "ackd_node"  # key of every report: the Ray node id the trial runs on
 
 
 class TuneReporter:
@@ -25,12 +29,14 @@ class TuneReporter:
 
     def __init__(self, epochs: int):
         self.epochs = epochs
-        self.last: dict[str, Any] = {"epoch": 0, OBJECTIVE: math.nan}
+        # Which node runs the trial: the driver names it when Ray loses the trial with it.
+        self.node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+        self.last: dict[str, Any] = {"epoch": 0, OBJECTIVE: math.nan, NODE: self.node}
 
     def __call__(self, epoch: int, metrics: dict[str, Any]) -> None:
         keep = ("val_loss", "lr", "images_per_s", "train_s")
         self.last = {"epoch": epoch, OBJECTIVE: metrics["val_acc"], **{k: metrics[k] for k in keep},
-                     "terms": dict(metrics["terms"])}
+                     "terms": dict(metrics["terms"]), NODE: self.node}
         if epoch < self.epochs:
             tune.report(dict(self.last))
 
@@ -49,13 +55,18 @@ def train_trial(config: dict[str, Any]) -> None:
     reporter = TuneReporter(cfg.optim.epochs)
     try:
         result = run_training(cfg, reporter, identity=config.get("identity"))
+    except NotOwner as err:  # a later driver re-ran this trial meanwhile: its folder is not ours to write
+        reporter.finish({"state": "fail", "fail_reason": one_line(err)})
+        return
     except Exception as err:
         if not isinstance(err, NonFiniteLossError):
-            write_traceback(run_dir)
+            with contextlib.suppress(NotOwner), owned(run_dir, owner_token(config.get("identity"))):
+                write_traceback(run_dir)
         reporter.finish({"state": "fail", "fail_reason": one_line(err),
                          "nonfinite": isinstance(err, NonFiniteLossError)})
         return
-    (run_dir / CHECKPOINT).unlink(missing_ok=True)  # finished: nothing left to resume
+    # The checkpoint stays until the driver has stored the result (StudySearch._tell): a result the study could
+    # not take is resumed from it, not trained again.
     reporter.finish({"state": "complete", "final_val_acc": result.final_val_acc, "attrs": trial_attrs(result),
                      "history": compact_history(result.history)})
 

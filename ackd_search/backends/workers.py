@@ -14,10 +14,12 @@ import sys
 
 from ackd_search.backends.local import logger, run_search
 from ackd_search.backends.packing import WorkerSlot, detect, visible_gpus
-from ackd_search.searching.preflight import preflight
+from ackd_search.backends.preflight_apart import preflight_for_workers
+from ackd_search.searching.confirming import run_confirmation
 from ackd_search.searching.space import Space
-from ackd_search.searching.storage import check_storage, make_storage
-from ackd_search.searching.study import open_study, requeue_interrupted, run_confirmation
+from ackd_search.searching.storage import WORKER_STORAGE_ENV, check_storage, make_storage
+from ackd_search.searching.study import open_study, requeue_interrupted
+from ackd_search.searching.trial_loop import is_rerun
 from ackd_search.view.hooks import UserView
 from ackd_search.view.progress import EpochBar
 from ackd_search.view.summary import summary
@@ -32,15 +34,27 @@ def shares(n_trials: int | None, workers: int) -> list[int | None]:
 
 
 def worker_command(args: argparse.Namespace, index: int, n_trials: int | None) -> list[str]:
+    """The worker's command line. Never the storage URL: with a password it would show in `ps` and in
+    /proc/<pid>/cmdline to every user of the machine; it goes in the worker's environment (`worker_env`)."""
     cmd = [sys.executable, "-m", "ackd_search.cli", "search", "--space", args.space,
            "--worker-tag", f"w{index + 1}", "--no-requeue", "--no-confirm"]
     if n_trials is not None:
         cmd += ["--n-trials", str(n_trials)]
     if args.timeout is not None:
         cmd += ["--timeout", str(args.timeout)]
-    if args.storage:
-        cmd += ["--storage", args.storage]
     return cmd
+
+
+def worker_env(args: argparse.Namespace, slot: WorkerSlot) -> dict[str, str]:
+    """The worker's environment: the slot's device and threads, and `--storage` (readable only by its own user,
+    /proc/<pid>/environ being mode 0400), which `run_search` reads when it is given no URL."""
+    env = {**os.environ, **slot.env()}
+    if "OMP_NUM_THREADS" in os.environ:  # the user's own setting wins
+        env["OMP_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"]
+    env.pop(WORKER_STORAGE_ENV, None)
+    if args.storage:
+        env[WORKER_STORAGE_ENV] = args.storage
+    return env
 
 
 def worker_slots(workers: int | str) -> list[WorkerSlot]:
@@ -56,7 +70,7 @@ def worker_slots(workers: int | str) -> list[WorkerSlot]:
 def run_workers(args: argparse.Namespace, space: Space) -> int:
     url = args.storage or space.storage_url
     check_storage(url)
-    preflight(space, progress=EpochBar)
+    preflight_for_workers(space, progress=EpochBar)  # on CUDA in a child: the parent keeps no context, no teacher
     study = open_study(space, make_storage(space, url))
     requeue_interrupted(study)
     n_trials = args.n_trials if args.n_trials is not None else space.study.n_trials
@@ -66,12 +80,7 @@ def run_workers(args: argparse.Namespace, space: Space) -> int:
     print(f"{len(plan)} workers on {space.study.name!r}: trials per worker {[n for _, n in plan]}"
           f"{f', on GPUs {sorted(where)}' if where else ''}", flush=True)
     # Share the cores: torch would give every worker all of them, and tiny CPU trials then spin against each other.
-    procs = []
-    for slot, n in plan:
-        env = {**os.environ, **slot.env()}
-        if "OMP_NUM_THREADS" in os.environ:  # the user's own setting wins
-            env["OMP_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"]
-        procs.append(subprocess.Popen(worker_command(args, slot.index, n), env=env))
+    procs = [subprocess.Popen(worker_command(args, slot.index, n), env=worker_env(args, slot)) for slot, n in plan]
     try:
         codes = [p.wait() for p in procs]
     except KeyboardInterrupt:
@@ -86,7 +95,7 @@ def run_workers(args: argparse.Namespace, space: Space) -> int:
     failed = run_what_dead_workers_left(args, space, plan, procs, codes)
     if not args.no_confirm:
         run_confirmation(space, study, UserView(space), logger())  # the parent alone, after every search trial
-    print(summary(study))
+    print(summary(study, space))
     return failed
 
 
@@ -110,7 +119,8 @@ def run_what_dead_workers_left(args: argparse.Namespace, space: Space, plan: lis
 
 
 def _finished_by(space: Space, storage_url: str | None, pid: int) -> int:
-    """Trials a worker process finished (each trial records the pid of the process that ran it)."""
+    """New trials a worker process finished (each trial records the pid of the process that ran it); its re-runs of
+    earlier trials were not part of its share."""
     study = open_study(space, make_storage(space, storage_url), log=lambda _: None)
     return sum(t.user_attrs.get("pid") == pid for t in study.get_trials(deepcopy=False)
-               if t.state.is_finished())
+               if t.state.is_finished() and not is_rerun(t))

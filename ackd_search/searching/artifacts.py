@@ -1,5 +1,6 @@
 """What a trial leaves behind: its user attributes from a run's result, its curve, config and best weights as
-artifacts, its traceback in the run folder; and the stored config read back (for `export` and the notes)."""
+artifacts, its traceback in the run folder; and the stored config read back (for `export` and the notes). Every
+file is written atomically: a full disk fails the write, never leaves half a file."""
 
 from __future__ import annotations
 
@@ -8,16 +9,20 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.trial import FrozenTrial, TrialState
 
 from ackd_search.config import RunConfig, to_dict
+from ackd_search.files import write_atomic, write_text_atomic
+from ackd_search.searching.artifact_store import artifact_store
 from ackd_search.searching.record import CONFIG_ARTIFACT_ATTR, StudyPaths
 from ackd_search.training import RunResult
 
 CONFIG_ATTR = "config"  # user attr of studies made before the config moved into an artifact
+CORRECT_ARTIFACT_ATTR = "val_correct_artifact_id"  # user attr of a confirmation run: its per-image record
 
 
 def trial_attrs(result: RunResult) -> dict[str, Any]:
@@ -44,18 +49,13 @@ def compact_history(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{**{k: h[k] for k in keep}, "terms": {k: round(v, 6) for k, v in h["terms"].items()}} for h in history]
 
 
-def artifact_store(paths: StudyPaths) -> FileSystemArtifactStore:
-    paths.artifacts.mkdir(parents=True, exist_ok=True)
-    return FileSystemArtifactStore(str(paths.artifacts))
-
-
 def upload_config(trial: optuna.Trial, cfg: RunConfig, run_dir: Path, paths: StudyPaths) -> None:
     """The trial's complete run config, as evaluated, is an artifact (`export` reads it back)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "config.json"
-    path.write_text(json.dumps(to_dict(cfg), indent=1))
-    artifact_id = upload_artifact(artifact_store=artifact_store(paths), file_path=str(path), study_or_trial=trial,
-                                  mimetype="application/json")
+    write_text_atomic(path, json.dumps(to_dict(cfg), indent=1))
+    artifact_id = upload_artifact(artifact_store=artifact_store(paths, trial.study), file_path=str(path),
+                                  study_or_trial=trial, mimetype="application/json")
     trial.set_user_attr(CONFIG_ARTIFACT_ATTR, artifact_id)
 
 
@@ -66,16 +66,35 @@ def upload_curve(trial: optuna.Trial, history: list[dict], run_dir: Path, paths:
     run_dir.mkdir(parents=True, exist_ok=True)
     curve = run_dir / "curve.json"
     compact = compact_history(history)
-    curve.write_text(json.dumps(compact, indent=1))
-    upload_artifact(artifact_store=artifact_store(paths), file_path=str(curve), study_or_trial=trial,
+    write_text_atomic(curve, json.dumps(compact, indent=1))
+    upload_artifact(artifact_store=artifact_store(paths, trial.study), file_path=str(curve), study_or_trial=trial,
                     mimetype="application/json")
     return compact
 
 
-def write_traceback(run_dir: Path) -> None:
-    """The whole traceback of a failed trial goes to its run folder; the study keeps the one-line reason."""
+def upload_val_correct(trial: optuna.Trial, correct: np.ndarray | None, run_dir: Path, paths: StudyPaths) -> None:
+    """A confirmation run's per-image record (`val_correct.npy`, one bool per validation image in the split's
+    order): what two configurations are paired on beside their seeds."""
+    if correct is None:
+        return
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "error.log").write_text(traceback.format_exc())
+    path = run_dir / "val_correct.npy"
+    write_atomic(path, lambda handle: np.save(handle, np.asarray(correct, dtype=bool)))
+    artifact_id = upload_artifact(artifact_store=artifact_store(paths, trial.study), file_path=str(path),
+                                  study_or_trial=trial, mimetype="application/octet-stream")
+    trial.set_user_attr(CORRECT_ARTIFACT_ATTR, artifact_id)
+    trial.set_user_attr("val_images", int(len(correct)))
+
+
+def write_traceback(run_dir: Path) -> bool:
+    """The whole traceback of a failed trial goes to its run folder; the study keeps the one-line reason. A folder
+    that cannot be written (a full disk, the likely reason the trial failed) is no second failure: False."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(run_dir / "error.log", traceback.format_exc())
+    except OSError:
+        return False
+    return True
 
 
 def upload_best_weights(trial: optuna.Trial, multi_objective: bool, final_val_acc: float, run_dir: Path,
@@ -88,8 +107,8 @@ def upload_best_weights(trial: optuna.Trial, multi_objective: bool, final_val_ac
             return
     weights = run_dir / "student.pt"
     if weights.exists():
-        upload_artifact(artifact_store=artifact_store(paths), file_path=str(weights), study_or_trial=trial,
-                        mimetype="application/octet-stream")
+        upload_artifact(artifact_store=artifact_store(paths, trial.study), file_path=str(weights),
+                        study_or_trial=trial, mimetype="application/octet-stream")
         trial.set_user_attr("weights_artifact", True)
 
 

@@ -1,11 +1,16 @@
 """The objective around one training run: a trial's config (sampled, or replayed for a confirmation run), the run
-itself, and everything recorded about it (attributes, curve and config artifacts, the reason it stopped).
-`trial_objective` serves `study.optimize`; the Ray Tune backend shares its pieces."""
+itself, and everything recorded about it (attributes, curve and config artifacts, the reason it stopped), written
+only while the attempt owns the trial's run folder. `TrialObjective` serves the trial loop; the Ray Tune backend
+shares its pieces."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
+import socket
 import time
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -22,13 +27,16 @@ from ackd_search.searching.artifacts import (
     upload_best_weights,
     upload_config,
     upload_curve,
+    upload_val_correct,
     write_traceback,
 )
 from ackd_search.searching.confirm import confirmation_config
 from ackd_search.searching.hooks import QUIET, SearchHooks
 from ackd_search.searching.record import CONFIRMS, StudyPaths, root_trial_number
+from ackd_search.searching.resilient import StorageOutage
 from ackd_search.searching.space import Space
 from ackd_search.training import CHECKPOINT, NonFiniteLossError, RunResult, check_owner, load_checkpoint, run_training
+from ackd_search.training.checkpoints import OWNER_KEY, NotOwner, claim_run_dir, owned
 
 
 def frozen(trial: optuna.Trial) -> FrozenTrial:
@@ -86,22 +94,63 @@ def record_curve(trial: optuna.Trial, history: list[dict], run_dir, paths: Study
         return
     try:
         hooks.trial_recorded(trial, compact, stored_config(trial, paths, run_dir) or {}, run_dir, paths)
+    except (NotOwner, StorageOutage):
+        raise
     except Exception as err:
         trial.set_user_attr("note_error", one_line(err))
 
 
-def trial_objective(space: Space, paths: StudyPaths, hooks: SearchHooks = QUIET, sampler_seed: int | None = None):
-    """The objective for `study.optimize`: sample a config (or replay a confirmation run's), train it, record
-    everything about it. A proposal equal to an earlier trial is not trained twice."""
+def claim(trial: optuna.Trial, run_dir: Path) -> str:
+    """Make this attempt the only writer of `run_dir` (its trial's folder, shared with every re-run of it); the
+    token goes with the run's identity, so the training loop checks it before each checkpoint too."""
+    token = secrets.token_hex(8)
+    claim_run_dir(run_dir, {"token": token, "trial": trial.number, "trial_id": trial._trial_id, "pid": os.getpid(),
+                            "host": socket.gethostname()})
+    return token
 
-    def objective(trial: optuna.Trial):
+
+# Errors that are not the trial's: it was taken over (NotOwner; Optuna's UpdateFinishedTrialError when its state
+# was set by another process first), or the storage is away. None of them may be written as the trial's failure.
+NOT_THE_TRIALS = (NotOwner, StorageOutage, optuna.exceptions.UpdateFinishedTrialError)
+
+
+class TrialObjective:
+    """The objective of the trial loop (`trial_loop.run_trials`): sample a config (or replay a confirmation run's:
+    `search_study` holds the trials it confirms), train it, record everything about it. A proposal equal to an
+    earlier trial is not trained twice. `told` runs once the trial's end is stored: only then is the last
+    checkpoint removed, so a run that finished while the storage was away is resumed, not lost."""
+
+    def __init__(self, space: Space, paths: StudyPaths, hooks: SearchHooks = QUIET, sampler_seed: int | None = None,
+                 search_study: optuna.Study | None = None):
+        self.space, self.paths, self.hooks = space, paths, hooks
+        self.sampler_seed, self.search_study = sampler_seed, search_study
+        self.runs: dict[int, tuple[Path, str, bool]] = {}  # trial id -> run folder, owner token, discard on FAIL
+
+    def __call__(self, trial: optuna.Trial):
+        try:
+            return self._objective(trial)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            raise NotOwner("it was failed by another process (its heartbeat was older than study.grace_period_s) "
+                           "and is re-run as a new trial") from None
+
+    def told(self, frozen_trial: FrozenTrial) -> None:
+        """The trial's end is in the storage: a finished run leaves nothing to resume."""
+        run_dir, token, discard = self.runs.pop(frozen_trial._trial_id, (None, None, False))
+        if run_dir is None:
+            return
+        if frozen_trial.state in (TrialState.COMPLETE, TrialState.PRUNED) or discard:
+            with contextlib.suppress(NotOwner, OSError), owned(run_dir, token):
+                (run_dir / CHECKPOINT).unlink(missing_ok=True)
+
+    def _objective(self, trial: optuna.Trial):
+        space, paths, hooks = self.space, self.paths, self.hooks
         started = time.perf_counter()
         confirming = CONFIRMS in trial.user_attrs
         trial.set_user_attr("pid", os.getpid())  # which process ran it (a dead worker's share is made up)
-        if sampler_seed is not None:
-            trial.set_user_attr("sampler_seed", sampler_seed)
+        if self.sampler_seed is not None:
+            trial.set_user_attr("sampler_seed", self.sampler_seed)
         if confirming:
-            cfg, values = confirmation_config(space, trial.study, trial.user_attrs), {}
+            cfg, values = confirmation_config(space, self.search_study or trial.study, trial.user_attrs), {}
         else:
             values = space.suggest(trial)
             twin = find_duplicate(trial)
@@ -110,45 +159,61 @@ def trial_objective(space: Space, paths: StudyPaths, hooks: SearchHooks = QUIET,
             cfg = space.run_config(values)
         root = root_trial_number(frozen(trial))
         run_dir = paths.run_dir(root)
+        token = claim(trial, run_dir)
+        self.runs[trial._trial_id] = (run_dir, token, False)
+        identity = {**trial_identity(trial, root), OWNER_KEY: token}
         cfg.output_dir = str(run_dir)
-        set_aside_foreign_checkpoint(trial, run_dir, trial_identity(trial, root))
-        upload_config(trial, cfg, run_dir, paths)
-        hooks.trial_started(trial.number, values)
         reporter = OptunaReporter(trial, can_prune=not (space.multi_objective or confirming),
                                   can_report=not space.multi_objective, hooks=hooks)
         try:
-            result = run_training(cfg, reporter, identity=trial_identity(trial, root),
-                                  teacher_progress=hooks.teacher_progress)
+            with owned(run_dir, token):
+                set_aside_foreign_checkpoint(trial, run_dir, trial_identity(trial, root))
+                upload_config(trial, cfg, run_dir, paths)
+            hooks.trial_started(trial.number, values)
+            result = run_training(cfg, reporter, identity=identity, teacher_progress=hooks.teacher_progress)
+            for key, value in trial_attrs(result).items():
+                trial.set_user_attr(key, value)
+            with owned(run_dir, token):
+                record_curve(trial, reporter.history, run_dir, paths, hooks)
+                if confirming:
+                    upload_val_correct(trial, result.val_correct, run_dir, paths)
+                else:
+                    upload_best_weights(trial, space.multi_objective, result.final_val_acc, run_dir, paths)
+            return objective_values(space, result)
+        except NOT_THE_TRIALS:
+            raise
         except NonFiniteLossError as err:
             trial.set_user_attr("fail_reason", one_line(err))
-            stopped_early(trial, cfg, reporter.history, run_dir, paths, started, hooks)
+            self.runs[trial._trial_id] = (run_dir, token, True)  # diverged: nothing worth resuming
+            with owned(run_dir, token):
+                stopped_early(trial, cfg, reporter.history, run_dir, paths, started, hooks)
             if space.multi_objective:
                 raise
             raise optuna.TrialPruned(str(err)) from None
         except optuna.TrialPruned as err:
             trial.set_user_attr("prune_reason", str(err))
-            stopped_early(trial, cfg, reporter.history, run_dir, paths, started, hooks)
+            with owned(run_dir, token):
+                stopped_early(trial, cfg, reporter.history, run_dir, paths, started, hooks)
             raise
         except KeyboardInterrupt:
-            trial.set_user_attr("interrupted", True)
-            trial.set_user_attr("fail_reason", "interrupted (Ctrl-C or SIGTERM)")
+            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):  # Ctrl-C wins, whoever ended it
+                trial.set_user_attr("interrupted", True)
+                trial.set_user_attr("fail_reason", "interrupted (Ctrl-C or SIGTERM)")
             raise
-        except Exception as err:  # out of memory, a broken config, ...: this trial fails alone
+        except Exception as err:  # out of memory, a broken config, a full disk, ...: this trial fails alone
             trial.set_user_attr("fail_reason", one_line(err))
-            write_traceback(run_dir)
-            record_curve(trial, reporter.history, run_dir, paths, hooks)
+            with owned(run_dir, token):
+                write_traceback(run_dir)
+                with contextlib.suppress(OSError):  # the curve so far, where the disk still takes it
+                    record_curve(trial, reporter.history, run_dir, paths, hooks)
             if isinstance(err, torch.OutOfMemoryError) and torch.cuda.is_available():
                 torch.cuda.empty_cache()
             raise
-        for key, value in trial_attrs(result).items():
-            trial.set_user_attr(key, value)
-        record_curve(trial, reporter.history, run_dir, paths, hooks)
-        if not confirming:
-            upload_best_weights(trial, space.multi_objective, result.final_val_acc, run_dir, paths)
-        (run_dir / CHECKPOINT).unlink(missing_ok=True)  # finished: nothing left to resume
-        return objective_values(space, result)
 
-    return objective
+
+def trial_objective(space: Space, paths: StudyPaths, hooks: SearchHooks = QUIET, sampler_seed: int | None = None,
+                    search_study: optuna.Study | None = None) -> TrialObjective:
+    return TrialObjective(space, paths, hooks, sampler_seed, search_study)
 
 
 def _duplicate(trial: optuna.Trial, twin: FrozenTrial, space: Space):
@@ -187,11 +252,10 @@ def student_cost(cfg: RunConfig) -> tuple[int, int]:
 
 def stopped_early(trial: optuna.Trial, cfg: RunConfig, history: list[dict], run_dir, paths: StudyPaths,
                   started: float, hooks: SearchHooks = QUIET) -> None:
-    """A pruned (or non-finite) trial keeps its curve, cost and wall time, and leaves no checkpoint behind."""
+    """A pruned (or non-finite) trial keeps its curve, cost and wall time; its checkpoint goes once it is told."""
     params, flops = student_cost(cfg)
     trial.set_user_attr("student_params", params)
     trial.set_user_attr("student_flops", flops)
     trial.set_user_attr("wall_time_s", round(time.perf_counter() - started, 3))
     trial.set_user_attr("epochs_run", len(history))
     record_curve(trial, history, run_dir, paths, hooks)
-    (run_dir / CHECKPOINT).unlink(missing_ok=True)

@@ -59,6 +59,9 @@ class StudySettings:
     heartbeat_interval_s: int = 60
     grace_period_s: int = 180
     max_retry: int = field(default=2, metadata=bounds(ge=0))
+    # How long every storage call waits for the database to come back (a restart, a failover, a full disk on
+    # its server) before the search stops in one line; its trials' checkpoints wait for the next run.
+    storage_outage_s: float = field(default=120.0, metadata=bounds(gt=0))
     artifacts_dir: str | None = None  # default studies/<name>-artifacts
     runs_dir: str | None = None  # default studies/<name>-runs (per-trial checkpoints)
     ray: RayOptions = field(default_factory=RayOptions)

@@ -92,7 +92,7 @@ class Space:
     def fingerprint(self) -> str:
         """Identifies what the search explores (not how long it runs), to refuse mixing spaces in one study."""
         how_long_and_where = ("n_trials", "timeout_s", "storage", "ray", "heartbeat_interval_s", "grace_period_s",
-                              "confirm")
+                              "storage_outage_s", "confirm")
         keep = {k: v for k, v in (self.raw.get("study") or {}).items() if k not in how_long_and_where}
         text = json.dumps({**self.raw, "study": keep}, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -1,9 +1,12 @@
 """Study storage: URL parsing and masking, checks that find a bad database before any work is done, and an
-RDB storage (heartbeats + retry) that any number of processes can create and use at the same moment."""
+RDB storage (heartbeats + retry, outages waited out: `resilient`) that any number of processes can create and use
+at the same moment."""
 
 from __future__ import annotations
 
+import copy
 import json
+import os
 import random
 import sqlite3
 import tempfile
@@ -17,9 +20,22 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages._rdb import models
 
 from ackd_search.errors import StudyError
+from ackd_search.searching.record import root_trial_number
+from ackd_search.searching.resilient import DEFAULT_OUTAGE_S, ResilientStorage
 from ackd_search.searching.space import Space
 
 CREATE_ATTEMPTS = 8  # simultaneous starters on a new database race to create its schema; the losers retry
+CONNECT_TIMEOUT_S = 10  # a server that does not answer (a dropped route, not a refusal) fails a connection this fast
+
+
+# How a `--workers` parent hands its worker processes `--storage`: in their environment (readable by their user
+# only), never on their command lines, which every user of the machine can read (`ps`, /proc/<pid>/cmdline).
+WORKER_STORAGE_ENV = "_ACKD_SEARCH_WORKER_STORAGE"
+
+
+def storage_url_of(space: Space, storage_url: str | None = None) -> str:
+    """`storage_url`, else the one this worker's parent handed it in its environment, else the space's."""
+    return storage_url or os.environ.get(WORKER_STORAGE_ENV) or space.storage_url
 
 
 def safe_url(url: str) -> str:
@@ -28,6 +44,16 @@ def safe_url(url: str) -> str:
         return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
     except Exception:
         return url.split("@")[-1] if "@" in url else url
+
+
+def redacted(raw: Any) -> Any:
+    """A space file's plain data with the storage URL's password masked, for a record that is stored or shown."""
+    if not isinstance(raw, dict):
+        return raw
+    study = raw.get("study")
+    if isinstance(study, dict) and isinstance(study.get("storage"), str):
+        return {**raw, "study": {**study, "storage": safe_url(study["storage"])}}
+    return raw
 
 
 _EXAMPLE_URLS = "e.g. sqlite:///studies/x.db, postgresql://user@host/db, mysql+pymysql://user@host/db"
@@ -126,41 +152,67 @@ class RetryStaleTrial(RetryHeartbeatStaleTrialCallback):
         self.grace_period_s = grace_period_s
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        reason = (f"its process stopped beating for over {self.grace_period_s} s (killed, or its machine lost); "
-                  "re-run as a new trial from its last checkpoint")
-        _annotate_finished(study, trial, "fail_reason", reason)
-        super().__call__(study, trial)
+        reason = (f"its process stopped beating for over {self.grace_period_s} s (killed, stopped, or its machine "
+                  "lost); re-run as a new trial from its last checkpoint")
+        annotate_finished(study, trial, "fail_reason", reason)
+        # The re-run says what it resumes (`retry_of`, as a re-queued interrupted trial does): the progress line,
+        # the dashboard and `root_trial_number` read it.
+        relabelled = copy.deepcopy(trial)
+        relabelled.user_attrs = {**trial.user_attrs, "retry_of": root_trial_number(trial)}
+        super().__call__(study, relabelled)
 
 
-def _annotate_finished(study: optuna.Study, trial: optuna.trial.FrozenTrial, key: str, value: Any) -> None:
+def annotate_finished(study: optuna.Study, trial: optuna.trial.FrozenTrial, key: str, value: Any) -> None:
     """A user attribute on a trial that is already finished: Optuna's API refuses any write to such a trial, so
     this one row goes through the storage's own engine and table."""
     storage = getattr(study._storage, "_backend", study._storage)
     if not isinstance(storage, RDBStorage):
         return
     table = models.TrialUserAttributeModel.__table__
-    with storage.engine.begin() as conn:
-        conn.execute(table.delete().where(table.c.trial_id == trial._trial_id, table.c.key == key))
-        conn.execute(table.insert().values(trial_id=trial._trial_id, key=key, value_json=json.dumps(value)))
+
+    def write() -> None:
+        with storage.engine.begin() as conn:
+            conn.execute(table.delete().where(table.c.trial_id == trial._trial_id, table.c.key == key))
+            conn.execute(table.insert().values(trial_id=trial._trial_id, key=key, value_json=json.dumps(value)))
+
+    storage.call(write) if isinstance(storage, ResilientStorage) else write()
 
 
-def make_storage(space: Space, url: str | None = None) -> RDBStorage:
+def outage_limit_s(space: Space) -> float:
+    """How long a storage call waits for the database to come back (`study.storage_outage_s`)."""
+    return float(space.study.storage_outage_s or DEFAULT_OUTAGE_S)
+
+
+def _engine_kwargs(parsed: sqlalchemy.engine.URL) -> dict[str, Any]:
+    if parsed.get_backend_name() == "sqlite":
+        # Several local workers on one SQLite file: wait for the lock rather than dying of 'database is locked'.
+        return {"connect_args": {"timeout": 120}}
+    # pre-ping: a pooled connection the server dropped (a restart) is replaced before use, not failed on.
+    kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    if parsed.get_backend_name() in ("postgresql", "mysql"):
+        kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S}
+    return kwargs
+
+
+def make_storage(space: Space, url: str | None = None) -> ResilientStorage:
     """An RDB storage with heartbeats: a worker killed mid-trial leaves it RUNNING, the next worker marks it FAIL
-    after the grace period and re-runs its parameters (resuming from the trial's last epoch checkpoint)."""
+    after the grace period and re-runs its parameters (resuming from the trial's last epoch checkpoint). Its calls
+    wait out an outage of the database for up to `study.storage_outage_s` (`resilient.ResilientStorage`)."""
     url = url or space.storage_url
     settings = space.study
     parsed = _parse_url(url)
     sqlite = parsed.get_backend_name() == "sqlite"
-    # Several local workers on one SQLite file: wait for the lock rather than dying of 'database is locked'.
-    engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": 120}} if sqlite else {"pool_pre_ping": True}
+    engine_kwargs = _engine_kwargs(parsed)
     for attempt in range(CREATE_ATTEMPTS):
         try:
-            storage = RDBStorage(
+            storage = ResilientStorage(
                 url,
                 engine_kwargs=engine_kwargs,
                 heartbeat_interval=settings.heartbeat_interval_s,
                 grace_period=settings.grace_period_s,
                 heartbeat_stale_trial_callback=RetryStaleTrial(settings.max_retry, settings.grace_period_s),
+                outage_s=outage_limit_s(space),
+                shown_url=safe_url(url),
             )
             break
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError, sqlalchemy.exc.OperationalError,

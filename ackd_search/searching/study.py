@@ -10,16 +10,30 @@ from collections.abc import Callable
 
 import optuna
 from optuna.storages import RDBStorage
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from ackd_search.errors import StudyError
-from ackd_search.searching.confirm import enqueue_confirmation, waiting_confirmations
 from ackd_search.searching.hooks import QUIET, SearchHooks
 from ackd_search.searching.objective import trial_objective
-from ackd_search.searching.record import OBJECTIVE, REQUEUE_KEEPS, StudyPaths, is_interrupted, root_trial_number
+from ackd_search.searching.record import (
+    OBJECTIVE,
+    REQUEUE_KEEPS,
+    WINNER_ATTR,
+    StudyPaths,
+    is_interrupted,
+    root_trial_number,
+)
 from ackd_search.searching.samplers import make_pruner, make_sampler
 from ackd_search.searching.space import Space
-from ackd_search.searching.storage import existing_study, make_storage, safe_url, sqlite_path
+from ackd_search.searching.storage import (
+    existing_study,
+    make_storage,
+    redacted,
+    safe_url,
+    sqlite_path,
+    storage_url_of,
+)
+from ackd_search.searching.trial_loop import run_trials
 
 
 def open_study(space: Space, storage: RDBStorage, seed_offset: int = 0,
@@ -51,10 +65,13 @@ def open_study(space: Space, storage: RDBStorage, seed_offset: int = 0,
     log(f"{'created' if created else 'joined'} study {name!r}; sampler {space.study.sampler.get('name')} seed {seed}")
     if not created:
         return study
+    # First, so the dashboard lists it first beside its Best Trial; the confirmation fills it in.
+    study.set_user_attr(WINNER_ATTR, "not confirmed yet: the confirmation over seeds runs after the search")
     study.set_user_attr("study_uid", secrets.token_hex(8))  # run folders and checkpoints belong to this study
     study.set_user_attr("space_fingerprint", space.fingerprint())
     study.set_user_attr("space_source", space.source)
-    study.set_user_attr("space", space.raw)
+    # The whole space, as a record (not among the attributes the dashboard tabulates), its password masked.
+    storage.set_study_system_attr(study._study_id, "space", redacted(space.raw))
     study.set_user_attr("objective", [OBJECTIVE] + ([space.study.second_objective] if space.multi_objective else []))
     study.set_metric_names([OBJECTIVE] + ([space.study.second_objective] if space.multi_objective else []))
     enqueue_presets(study, space, log)
@@ -126,6 +143,19 @@ def requeue_interrupted(study: optuna.Study, log: Callable[[str], None] = print)
         log(f"trial {trial.number} was interrupted: re-queued to resume from its last epoch checkpoint")
 
 
+def rerun_later(study: optuna.Study, trial: FrozenTrial, max_retry: int) -> int | None:
+    """Queue `trial`'s parameters again, as a re-run of its original (labels kept, its run folder and checkpoint
+    resumed), unless that original was re-run `max_retry` times already. Returns the new trial's number."""
+    root = root_trial_number(trial)
+    trials = study.get_trials(deepcopy=False)
+    if sum(root_trial_number(t) == root and t.number != root for t in trials) >= max_retry:
+        return None
+    labels = {k: v for k, v in trial.user_attrs.items() if k in REQUEUE_KEEPS}
+    study.enqueue_trial(trial.params, user_attrs={**labels, "retry_of": root})
+    queued = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    return max((t.number for t in queued if t.user_attrs.get("retry_of") == root), default=None)
+
+
 def quiet_optuna() -> None:
     """Our progress lines report every trial (failures with their reason and error.log); Optuna's own per-trial
     log lines and experimental-feature warnings would repeat them."""
@@ -147,31 +177,17 @@ def say_running(space: Space, study: optuna.Study, log: Callable[[str], None]) -
 
 def optimize(space: Space, study: optuna.Study, hooks: SearchHooks = QUIET, n_trials: int | None = None,
              timeout_s: float | None = None) -> None:
-    """Run up to `n_trials` trials (or until `timeout_s`), each one failing alone; `hooks` watch them."""
+    """Run `n_trials` new trials (re-runs of earlier ones come free) or until `timeout_s`, each one failing alone;
+    `hooks` watch them. A storage outage past `study.storage_outage_s` stops it (StorageOutage, one line)."""
     hooks.phase_started(study, n_trials, timeout_s)
     objective = trial_objective(space, StudyPaths.for_space(space), hooks,
                                 sampler_seed=getattr(study, "sampler_seed", None))
-    study.optimize(objective, n_trials=n_trials, timeout=timeout_s, catch=(Exception,),
-                   callbacks=[hooks.trial_finished], gc_after_trial=True)
-
-
-def run_confirmation(space: Space, study: optuna.Study, hooks: SearchHooks = QUIET,
-                     log: Callable[[str], None] = print) -> None:
-    """Queue the confirmation runs still missing and run every waiting one (resumes an interrupted confirmation)."""
-    enqueue_confirmation(space, study, log)
-    while waiting_confirmations(study) > 0:
-        # Optuna runs waiting trials in order: a search trial queued earlier (a preset the search had no budget
-        # for, a re-queued one) runs before the confirmation runs, which then still all run.
-        before = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
-        optimize(space, study, hooks, n_trials=before)
-        if len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,))) >= before:
-            break  # nothing was taken (another process holds them): leave them to it
-    hooks.confirmation_done(study)
+    run_trials(study, objective, hooks, n_trials=n_trials, timeout_s=timeout_s)
 
 
 def open_existing_study(space: Space, storage_url: str | None = None) -> optuna.Study:
     """The space's study, to read: an SQLite file that is not there is reported, never created empty."""
-    url = storage_url or space.storage_url
+    url = storage_url_of(space, storage_url)
     db = sqlite_path(url)
     if db is not None and not db.exists():
         raise StudyError(f"no study {space.study.name!r}: {db} does not exist; run the search first")
