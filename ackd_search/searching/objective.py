@@ -155,7 +155,7 @@ class TrialObjective:
             values = space.suggest(trial)
             twin = find_duplicate(trial)
             if twin is not None:
-                return _duplicate(trial, twin, space)
+                return copy_duplicate(trial, twin, space)
             cfg = space.run_config(values)
         root = root_trial_number(frozen(trial))
         run_dir = paths.run_dir(root)
@@ -216,7 +216,7 @@ def trial_objective(space: Space, paths: StudyPaths, hooks: SearchHooks = QUIET,
     return TrialObjective(space, paths, hooks, sampler_seed, search_study)
 
 
-def _duplicate(trial: optuna.Trial, twin: FrozenTrial, space: Space):
+def copy_duplicate(trial: optuna.Trial, twin: FrozenTrial, space: Space):
     """The same parameters as trial `twin`: its value when it finished, else this trial is pruned untrained."""
     trial.set_user_attr("duplicate_of", twin.number)
     if twin.state == TrialState.COMPLETE:

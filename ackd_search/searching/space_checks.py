@@ -7,11 +7,12 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import inspect
+import os
 import warnings
 from typing import Any
 
 from ackd_search.config import ConfigError, RunConfig, check_value, field_info, from_dict, set_path, strip_optional
-from ackd_search.models import create_model, model_name_problem, staging_problem
+from ackd_search.models import ModelError, built_elsewhere, create_model, model_name_problem, staging_problem
 from ackd_search.searching.params import CHOICE_KEYS, FORBIDDEN_IN_SPACE, RANGE_KEYS, Param
 from ackd_search.searching.samplers import PRUNER_DEFAULTS, PRUNERS, SAMPLER_DEFAULTS, SAMPLERS
 from ackd_search.searching.settings import LearnerSpace, StudySettings
@@ -139,10 +140,16 @@ def _param(path: str, spec: dict, tp: Any, source: str, problems: list[str]) -> 
 
 
 def check_base(base: dict, params: list[Param], source: str, problems: list[str]) -> None:
+    # A `python:` builder of the Python API is not buildable in this process, but the study it made can still be
+    # read (report, dashboard): every command that builds a run config refuses it there, in one line.
+    elsewhere = {model_name_problem(n) for n in (base.get("student"), (base.get("teacher") or {}).get("arch"))
+                 if built_elsewhere(n)}
     try:
         from_dict(RunConfig, base, source=f"{source}: run")
     except ConfigError as err:
-        problems += [p.replace(f"{source}: run: ", f"{source}: run.") for p in err.problems]
+        problems += [p.replace(f"{source}: run: ", f"{source}: run.") for p in err.problems
+                     if not any(p.endswith(f": {why}") for why in elsewhere)]
+    check_students_build(base, params, source, problems)
     searched = {p.path for p in params}
     if "distill.ackd.aux_placements" in searched:
         problems.append(f"{source}: run.distill.ackd.aux_placements: search learners with the `learners:` section")
@@ -153,10 +160,43 @@ def _students(base: dict, params: list[Param]) -> list[str]:
     return list(param.choices) if param else [base.get("student", RunConfig().student)]
 
 
+def _stamp(name: str) -> tuple[int, int] | None:
+    """A py: builder file's (mtime, size): an edited file is built again; library and zoo names never change."""
+    if not name.startswith("py:"):
+        return None
+    try:
+        stat = os.stat(name[3:].rpartition(":")[0])
+    except OSError:
+        return None
+    return stat.st_mtime_ns, stat.st_size
+
+
+_STAGES: dict[tuple[str, tuple[int, int] | None], int | str] = {}
+
+
+def stage_count(name: str) -> int | str:
+    """The number of stages of the model `name` (a valid name), or why it cannot be built (a py: builder that
+    raises, a library that refuses): built once per name (and py: file version) per process."""
+    key = (name, _stamp(name))
+    if key not in _STAGES:
+        try:
+            _STAGES[key] = create_model(name, 10).num_stages
+        except ModelError as err:
+            _STAGES[key] = str(err)
+    return _STAGES[key]
+
+
+def check_students_build(base: dict, params: list[Param], source: str, problems: list[str]) -> None:
+    for name in _students(base, params):
+        if isinstance(name, str) and model_name_problem(name) is None and isinstance(why := stage_count(name), str):
+            problems.append(f"{source}: run.student: {why}")
+
+
 def num_stages_of(base: dict, params: list[Param]) -> int:
-    """Stages of the student (the fewest over searched students); 0 when no student name is valid yet."""
-    names = [n for n in _students(base, params) if model_name_problem(n) is None]
-    return min((create_model(name, 10).num_stages for name in names), default=0)
+    """Stages of the student (the fewest over searched students); 0 when no student name is valid (or buildable:
+    `check_students_build` reports it) yet."""
+    stages = [stage_count(n) for n in _students(base, params) if model_name_problem(n) is None]
+    return min((n for n in stages if isinstance(n, int)), default=0)
 
 
 def check_learners(learners: LearnerSpace, num_stages: int, base: dict, params: list[Param], source: str,
@@ -164,11 +204,17 @@ def check_learners(learners: LearnerSpace, num_stages: int, base: dict, params: 
     fixed = base.get("distill", {}).get("ackd", {}).get("aux_placements")
     if fixed is not None:
         problems.append(f"{source}: learners: conflicts with the fixed run.distill.ackd.aux_placements; keep one")
+    unstaged = False
     for name in _students(base, params):
-        why = staging_problem(name) if model_name_problem(name) is None else None
+        if model_name_problem(name) is not None or isinstance(stage_count(name), str):
+            continue  # an unknown name or a student that cannot be built: reported by check_base
+        why = staging_problem(name)
         if why:
+            unstaged = True
             problems.append(f"{source}: learners: {why}; allowed: no learners section (it still serves plain KD "
                             "and the student alone)")
+    if unstaged:
+        return  # the counts below would only restate it (no branch point can hold a learner)
     for i, stage in enumerate(learners.stages or []):
         if num_stages and isinstance(stage, int) and not 1 <= stage < num_stages:
             problems.append(f"{source}: learners.stages[{i}]: {stage} is out of range; allowed: 1..{num_stages - 1}")
@@ -184,8 +230,37 @@ def check_learners(learners: LearnerSpace, num_stages: int, base: dict, params: 
         )
 
 
+def check_pruner_budget(study: StudySettings, base: dict, params: list[Param], source: str,
+                        problems: list[str]) -> None:
+    """A pruner whose first possible cut (epochs are reported 1-based), as the file writes it, is not before the
+    trial's last epoch can never save an epoch: refused in one line with the budget it needs. (A warm-up the file
+    leaves to the defaults is not refused: a 1- or 2-epoch trial with the default pruner simply never prunes.)"""
+    spec = study.pruner if isinstance(study.pruner, dict) else {}
+    name = spec.get("name")
+    options = {**PRUNER_DEFAULTS.get(name, {}), **spec}
+    if name in ("median", "percentile") and "n_warmup_steps" in spec:
+        key, first = "n_warmup_steps", options["n_warmup_steps"]
+    elif name in ("successive_halving", "hyperband") and "min_resource" in spec:
+        key, first = "min_resource", options["min_resource"]
+        rate, rf = options.get("min_early_stopping_rate", 0), options.get("reduction_factor", 4)
+        if name == "successive_halving" and all(isinstance(v, int) for v in (first, rate, rf)):
+            first = first * rf ** rate  # its first rung (Hyperband's most aggressive bracket cuts at min_resource)
+    else:
+        return
+    epochs_param = next((p for p in params if p.path == "optim.epochs"), None)
+    if epochs_param is not None:  # a searched budget: the pruner must act at its largest value at least
+        epochs = max(epochs_param.choices) if epochs_param.choices else epochs_param.high
+    else:
+        epochs = (base.get("optim") or {}).get("epochs", RunConfig().optim.epochs)
+    if isinstance(first, int) and not isinstance(first, bool) and isinstance(epochs, int) and first >= epochs:
+        problems.append(f"{source}: study.pruner.{key}: {first} is not below the trial budget run.optim.epochs = "
+                        f"{epochs}: the {name} pruner could never cut a trial before its end; allowed: {key} <= "
+                        f"{epochs - 1}, or run.optim.epochs >= {first + 1}, or pruner none")
+
+
 def check_second_objective(study: StudySettings, base: dict, params: list[Param], source: str,
                             problems: list[str]) -> None:
+    check_pruner_budget(study, base, params, source, problems)  # the other study check that needs the run's budget
     if not study.second_objective:
         return
     students = {s for s in _students(base, params) if isinstance(s, str)}
