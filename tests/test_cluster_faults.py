@@ -694,8 +694,9 @@ def test_a_lost_ray_node_is_one_line_and_recorded_on_the_trial(tmp_path: Path, t
     out = io.StringIO()
     run_ray_search(space, n_trials=2, stream=out, max_concurrent=1, confirm=False)
     killer.join(timeout=60)
-    assert faults == ["node", "outage"]
     trials = stored(name, url)
+    assert faults == ["node", "outage"], (faults, [(t.number, t.state.name, len(t.intermediate_values),
+                                                    t.user_attrs.get("attempts")) for t in trials], out.getvalue())
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.COMPLETE]
     lost = trials[0].user_attrs
     assert lost["attempts"] == 2 and len(lost["lost_attempts"]) == 1 and len(lost["attempt_wall_times_s"]) == 2
