@@ -87,9 +87,9 @@ def history_points(trials: list[FrozenTrial]) -> dict[str, tuple[list[int], list
     pruned = [t for t in trials if t.state == TrialState.PRUNED and t.intermediate_values]
     best, at, running = -math.inf, [], []
     for t in trials:  # the line runs to the last trial, pruned or not, from the first complete one
-        if t in done:
+        if t.state == TrialState.COMPLETE and t.values:
             best = max(best, t.values[0])
-        if best > -math.inf and (t in done or t in pruned):
+        if best > -math.inf and t.state in (TrialState.COMPLETE, TrialState.PRUNED):
             at.append(t.number)
             running.append(best)
     return {"complete": ([t.number for t in done], [t.values[0] for t in done]),
