@@ -205,8 +205,7 @@ def _tune_env() -> Iterator[None]:
     # Tune's own lines about a trial it could not finish repeat ours (StudyCallback); what stops the run is raised.
     tune_logger.setLevel(logging.CRITICAL)
     try:
-        with without_ray_dumps():
-            yield
+        yield
     finally:
         tune_logger.setLevel(level)
         for key, value in before.items():
@@ -253,12 +252,14 @@ def run_ray_search(space: Space, n_trials: int | None = None, storage_url: str |
     timeout_s = timeout_s if timeout_s is not None else space.study.timeout_s
     if n_trials == 0:
         return study
-    connected = init_ray(address)
-    try:
-        _tune(space, study, storage, options, kind, n_trials, timeout_s, view, log)
-    finally:
-        if connected:
-            ray.shutdown()
+    # Filtered from joining to leaving: a lost node's dump can reach the driver until Ray is shut down.
+    with without_ray_dumps():
+        connected = init_ray(address)
+        try:
+            _tune(space, study, storage, options, kind, n_trials, timeout_s, view, log)
+        finally:
+            if connected:
+                ray.shutdown()
     study = optuna.load_study(study_name=space.study.name, storage=storage)
     if confirm:  # the confirmation runs are few and sequential: the plain backend, in this process
         run_confirmation(space, study, view, log)
