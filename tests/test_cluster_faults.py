@@ -43,7 +43,7 @@ from ackd_search.searching.resilient import ResilientStorage, StorageOutage, is_
 from ackd_search.searching.space import load_space
 from ackd_search.searching.storage import make_storage
 from ackd_search.searching.study import open_study, quiet_optuna
-from ackd_search.training import load_checkpoint
+from ackd_search.training import CHECKPOINT, CheckpointError, load_checkpoint
 from ackd_search.training.checkpoints import NotOwner, claim_run_dir, write_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -682,8 +682,8 @@ def test_a_lost_ray_node_is_one_line_and_recorded_on_the_trial(tmp_path: Path, t
             # The worker's own checkpoint, not the study: the driver writes the reports it has received, and on
             # a busy machine it can be an epoch behind or a whole trial (the node was then lost between trials).
             try:
-                return int(load_checkpoint(runs.run_dir(number) / "checkpoint.pt")["epochs_done"])
-            except Exception:
+                return int(load_checkpoint(runs.run_dir(number) / CHECKPOINT)["epochs_done"])
+            except CheckpointError:  # not written yet (or already removed: the trial was told)
                 return 0
 
         _wait_for(lambda: epochs_of(0) >= 2, 300, "trial #0 at epoch 2")

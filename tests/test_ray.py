@@ -179,6 +179,26 @@ def test_a_failing_trial_is_fail_with_its_reason(tmp_path: Path, teacher_cache: 
     assert "Traceback" in (Path(space.study.runs_dir) / "trial-00000" / "error.log").read_text()
 
 
+def test_what_ray_prints_while_it_shuts_down_is_filtered_too(tmp_path: Path, teacher_cache: Path, monkeypatch,
+                                                             capfd) -> None:
+    """A lost node's dump can reach the driver until `ray.shutdown()` returns: the filter stays on through it."""
+    import ackd_search.backends.ray_run as ray_run
+
+    def shutdown() -> None:
+        print("\x1b[33m(raylet, ip=10.0.0.2)\x1b[0m Raylet is terminated. Last 20 lines of the Raylet logs:",
+              file=sys.stderr)
+        print("    [state-dump] NodeManager ...", file=sys.stderr)
+
+    monkeypatch.setattr(ray_run, "init_ray", lambda address: True)  # as if this call had joined the cluster
+    monkeypatch.setattr(ray_run, "_tune", lambda *args, **kwargs: None)
+    monkeypatch.setattr(ray_run.ray, "shutdown", shutdown)
+    data = tiny_space(tmp_path, name="shutdown", teacher_cache=teacher_cache)
+    space = load_space(write(tmp_path / "space.yaml", data))
+    run_ray_search(space, n_trials=1, stream=io.StringIO(), confirm=False)
+    terminal = "".join(capfd.readouterr())
+    assert "Raylet is terminated" not in terminal and "state-dump" not in terminal, terminal[-2000:]
+
+
 def test_settings_that_cannot_work_are_refused_before_ray_starts(tmp_path: Path) -> None:
     data = tiny_space(tmp_path, second_objective="student_params", pruner={"name": "none"})
     data["run"]["student"] = {"choices": ["digits_cnn_small", "digits_cnn_large"]}  # a front needs a searched cost

@@ -252,7 +252,8 @@ def run_ray_search(space: Space, n_trials: int | None = None, storage_url: str |
     timeout_s = timeout_s if timeout_s is not None else space.study.timeout_s
     if n_trials == 0:
         return study
-    # Filtered from joining to leaving: a lost node's dump can reach the driver until Ray is shut down.
+    # Filtered from joining to leaving: a lost node's dump can reach the driver until Ray is shut down (a Ray
+    # session the caller started goes on printing to the caller's streams after this returns).
     with without_ray_dumps():
         connected = init_ray(address)
         try:
